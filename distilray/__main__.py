@@ -1,0 +1,3 @@
+from distilray.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,31 @@
+"""Errors a user can act on: each names the value, the source and the fix."""
+
+from __future__ import annotations
+
+
+class DistilrayError(Exception):
+    """Base class: the CLI prints these as one line instead of a traceback."""
+
+
+class ConfigError(DistilrayError):
+    """Invalid configuration; carries every problem found, not only the first."""
+
+    def __init__(self, problems: list[str] | str):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("; ".join(self.problems))
+
+
+class DataError(DistilrayError):
+    """A dataset that cannot be read or does not have the expected shape."""
+
+
+class ModelError(DistilrayError):
+    """A model that cannot be resolved, downloaded, verified or converted."""
+
+
+class CheckpointError(DistilrayError):
+    """A checkpoint directory that is missing files or cannot be loaded."""
+
+
+class ClusterError(DistilrayError):
+    """A Ray cluster that cannot run the requested job (resources, storage, auth)."""
