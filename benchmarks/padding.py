@@ -41,7 +41,7 @@ def main() -> None:
     }
     base = rows["max_length 128 (reference)"]["padded_tokens"]
     n_batches = -(-len(lengths) // bs)
-    print(f"\n| padding | tokens per batch | pad fraction | vs max_length |")
+    print("\n| padding | tokens per batch | pad fraction | vs max_length |")
     print("| --- | ---: | ---: | ---: |")
     for name, s in rows.items():
         print(f"| {name} | {s['padded_tokens'] / n_batches:.1f} | {s['pad_fraction']:.1%} | "

@@ -10,21 +10,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from distilray.errors import DistilrayError
 
 log = logging.getLogger("distilray")
-
-PENDING = {
-    "tune": "Ray Tune: learning-rate × weight-decay search with early stopping, resume and a real report",
-    "report": "Ray Tune: learning-rate × weight-decay search with early stopping, resume and a real report",
-    "serve": "Ray Serve: the best checkpoint as autoscaling, batched, hardened HTTP inference",
-    "predict": "Ray Serve: the best checkpoint as autoscaling, batched, hardened HTTP inference",
-    "distill": "Knowledge distillation: a fine-tuned teacher trains a smaller, faster student",
-    "cluster": "Run anywhere: `ray job submit` on a multi-node cluster, and KubeRay manifests",
-}
-
 
 def _add_config_args(p: argparse.ArgumentParser, default_config: str | None = None) -> None:
     p.add_argument("--config", "-c", default=default_config,
@@ -59,15 +49,48 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from distilray.quickstart import run_quickstart
 
-    run_quickstart(_load(args), keep_serving=args.keep_serving)
+    run_quickstart(_load(args) if (args.config or args.overrides) else None,
+                   keep_serving=args.keep_serving)
     return 0
 
 
-def _pending(stage: str) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        raise DistilrayError(f"'distilray {stage}' is not implemented yet (planned in: {PENDING[stage]})")
+def cmd_tune(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from distilray.tune import tune_main
 
-    return run
+    return tune_main(cfg, args)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from distilray.report import report_main
+
+    return report_main(args)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from distilray.serve import serve_main
+
+    return serve_main(cfg, args)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from distilray.client import predict_main
+
+    return predict_main(args)
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    from distilray.distill import distill_main
+
+    return distill_main(cfg, args)
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    from distilray.cluster import cluster_main
+
+    return cluster_main(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,25 +112,44 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tune", help="learning-rate × weight-decay search with Ray Tune")
     _add_config_args(p)
-    p.set_defaults(func=_pending("tune"))
+    p.add_argument("--resume", metavar="NAME", help="continue the experiment NAME after a crash")
+    p.add_argument("--name", help="experiment name (tune.name)")
+    p.add_argument("--storage-path", help="where experiments live (tune.storage_path)")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("report", help="write the HTML/Markdown report of a Tune experiment")
     p.add_argument("experiment", help="experiment directory")
-    p.set_defaults(func=_pending("report"))
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("serve", help="serve a checkpoint over HTTP with Ray Serve")
     _add_config_args(p)
-    p.set_defaults(func=_pending("serve"))
+    p.add_argument("--checkpoint", help="checkpoint directory to serve (serve.checkpoint)")
+    p.add_argument("--experiment", help="Tune experiment directory: serve its best/ checkpoint")
+    p.add_argument("--detach", action="store_true", help="return once the app is healthy")
+    p.add_argument("--emit-config", metavar="PATH",
+                   help="write a Serve config file (serve run/deploy, RayService) and exit")
+    p.add_argument("--host", help="HTTP host (serve.host)")
+    p.add_argument("--port", type=int, help="HTTP port (serve.port)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("predict", help="classify texts through a running server")
-    p.set_defaults(func=_pending("predict"))
+    p.add_argument("texts", nargs="*", help="texts to classify")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL")
+    p.add_argument("--file", help="file with one text per line")
+    p.add_argument("--token", help="bearer token (default: $DISTILRAY_SERVE_TOKEN)")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("distill", help="train a smaller student from a fine-tuned teacher")
     _add_config_args(p)
-    p.set_defaults(func=_pending("distill"))
+    p.add_argument("--teacher", help="teacher checkpoint directory (distill.teacher)")
+    p.add_argument("--student", help="student: layers:K or a model name (distill.student)")
+    p.add_argument("--workers", type=int, help="data-parallel workers (train.num_workers)")
+    p.add_argument("--name", help="run name (train.name)")
+    p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("cluster", help="start/stop a local multi-node Ray cluster")
-    p.set_defaults(func=_pending("cluster"))
+    p.add_argument("action", choices=["up", "down", "status"])
+    p.set_defaults(func=cmd_cluster)
 
     p = sub.add_parser("quickstart", help="the whole flow offline on a built-in demo corpus")
     _add_config_args(p, default_config=None)
