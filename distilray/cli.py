@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write a Serve config file (serve run/deploy, RayService) and exit")
     p.add_argument("--host", help="HTTP host (serve.host)")
     p.add_argument("--port", type=int, help="HTTP port (serve.port)")
+    p.add_argument("--stop", action="store_true",
+                   help="delete the running application (serve.app_name) and exit")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("predict", help="classify texts through a running server")
@@ -137,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL")
     p.add_argument("--file", help="file with one text per line")
     p.add_argument("--token", help="bearer token (default: $DISTILRAY_SERVE_TOKEN)")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="texts per request (at most the server's serve.max_texts)")
+    p.add_argument("--json", action="store_true", help="one JSON object per text")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("distill", help="train a smaller student from a fine-tuned teacher")

@@ -154,7 +154,21 @@ class ServeConfig:
     """Env var holding a bearer token; when set (or auth_token_file is), requests need it."""
     auth_token_file: str | None = None
     backend: Literal["torch", "int8"] = "torch"
+    """`int8`: dynamic int8 quantisation of the Linear layers (CPU only; check accuracy first)."""
     max_length: int = _opt(128, ge=8, le=512)
+    max_batch_tokens: int = _opt(8192, ge=8)
+    """A batch's texts are sorted by length and run in forward passes of at most this many padded tokens."""
+    torch_threads: int = _opt(0, ge=0)
+    """Intra-op threads per replica (0 = the replica's num_cpus, at least 1)."""
+    retry_after_s: float = _opt(1.0, ge=0.0)
+    """`Retry-After` header (seconds) on 503s when more than max_queued_requests wait."""
+    metrics_interval_s: float = _opt(10.0, gt=0.0)
+    """How often replicas report load to the autoscaler."""
+    look_back_period_s: float = _opt(30.0, gt=0.0)
+    """Window over which the autoscaler averages ongoing requests."""
+    health_check_period_s: float = _opt(10.0, gt=0.0)
+    ingress_replicas: int = _opt(1, ge=1)
+    """Replicas of the light HTTP front (validation, auth, retries); 2+ for high availability."""
 
 
 @dataclass(frozen=True)

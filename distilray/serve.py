@@ -1,7 +1,842 @@
-"""Placeholder until the serve stage lands."""
+"""`distilray serve`: a checkpoint as a batched, autoscaling, hardened HTTP classifier on Ray Serve.
 
-from distilray._pending import not_implemented
+`Predictor` (load a checkpoint, tokenise once, sort by length, pad per sub-batch, forward)
+and the request/response models import no Ray and are tested without a cluster; the
+Serve deployment built by `build_app` is thin glue around them. `build_app` is also the
+`import_path` of the config `emit_serve_config` writes, so `serve run`, `serve deploy` and
+a KubeRay RayService build exactly the same application as `distilray serve`.
+
+No `from __future__ import annotations` here: FastAPI resolves the request models of the
+routes (built per config, inside `make_deployment`) from real annotations.
+"""
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import os
+import shutil
+import subprocess
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from distilray.config import Config, ServeConfig, config_from_dict
+from distilray.errors import CheckpointError, ConfigError, DistilrayError
+
+log = logging.getLogger(__name__)
+
+INGRESS_NAME = "Ingress"
+CLASSIFIER_NAME = "Classifier"
+INGRESS_NUM_CPUS = 0.1  # JSON, auth and awaiting the Classifier: no model, little CPU
+IMPORT_PATH = "distilray.serve:build_app"
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
+# ServeConfig keys the replica reads (passed as `args.serve`); the rest are deployment
+# options, written once in the Serve config's `deployments:` section where Serve applies them.
+REPLICA_KEYS = ("max_batch_size", "batch_wait_timeout_s", "max_texts", "max_text_chars",
+                "request_timeout_s", "auth_token_env", "auth_token_file", "backend", "max_length",
+                "max_batch_tokens", "torch_threads", "num_cpus", "num_gpus")
+LATENCY_BOUNDARIES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000]
+BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 
 
-def serve_main(*args: object) -> int:
-    raise not_implemented("serve", "serve")
+# --------------------------------------------------------------------------- checkpoints
+
+
+def resolve_checkpoint(checkpoint: str | None = None, experiment: str | None = None) -> str:
+    """The checkpoint directory to serve: `checkpoint`, or `<experiment>/best` of a Tune run."""
+    if checkpoint and experiment:
+        raise ConfigError("pass either --checkpoint or --experiment, not both")
+    if experiment:
+        exp = Path(experiment).expanduser()
+        if not exp.is_dir():
+            raise CheckpointError(f"--experiment {experiment}: no such directory")
+        best = exp / "best"
+        if not best.is_dir():
+            raise CheckpointError(f"{exp} has no best/ checkpoint: let `distilray tune` finish, "
+                                  "or pass --checkpoint DIR")
+        checkpoint = str(best)
+    if not checkpoint:
+        raise ConfigError("nothing to serve: pass --checkpoint DIR (a `distilray train` output), "
+                          "--experiment DIR (a `distilray tune` experiment) or set serve.checkpoint")
+    return checkpoint
+
+
+def check_checkpoint(checkpoint: str) -> Path:
+    """Fail early, naming the missing file, unless `checkpoint` is a servable HF directory."""
+    path = Path(checkpoint).expanduser()
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {checkpoint}: no such directory")
+    if not (path / "config.json").exists():
+        raise CheckpointError(f"checkpoint {path}: no config.json — not a Hugging Face model "
+                              "directory (serve a `distilray train` checkpoint or a tune best/)")
+    if not any((path / f).exists() for f in WEIGHT_FILES):
+        raise CheckpointError(f"checkpoint {path}: no weights ({' or '.join(WEIGHT_FILES)})")
+    if not any((path / f).exists() for f in TOKENIZER_FILES):
+        raise CheckpointError(f"checkpoint {path}: no tokenizer ({' or '.join(TOKENIZER_FILES)}); "
+                              "save it with tokenizer.save_pretrained(dir)")
+    return path.resolve()
+
+
+def checkpoint_info(path: Path) -> dict[str, Any]:
+    """Identity of a checkpoint: `distilray.json` fields plus a short hash of the weights."""
+    meta: dict[str, Any] = {}
+    meta_file = path / "distilray.json"
+    if meta_file.exists():
+        try:
+            meta = json.loads(meta_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{meta_file}: not valid JSON ({exc})") from None
+    weights = next(path / f for f in WEIGHT_FILES if (path / f).exists())
+    digest = hashlib.sha256()
+    with open(weights, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    sha = digest.hexdigest()[:12]
+    run = meta.get("run_name") or path.name
+    step = meta.get("step")
+    ident = f"{run}@step{step}:{sha}" if step is not None else f"{run}:{sha}"
+    return {"id": ident, "sha256_12": sha, "path": str(path), **{
+        k: meta[k] for k in ("run_name", "step", "epoch", "metrics", "model_name", "max_length")
+        if k in meta}}
+
+
+# --------------------------------------------------------------------------- inference
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    score: float
+    probabilities: dict[str, float]
+
+
+class Predictor:
+    """A checkpoint ready to classify: tokenise once, sort by length, pad per chunk, forward."""
+
+    def __init__(self, checkpoint: str, max_length: int = 128, backend: str = "torch",
+                 max_batch_tokens: int = 8192, device: str = "cpu", torch_threads: int = 0):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        path = check_checkpoint(checkpoint)
+        if torch_threads > 0:
+            torch.set_num_threads(torch_threads)
+        self.info = checkpoint_info(path)
+        trained_len = self.info.get("max_length")
+        if trained_len and trained_len != max_length:
+            log.warning("serving with max_length=%d but %s was trained with max_length=%d",
+                        max_length, path, trained_len)
+        self.max_length = max_length
+        self.max_batch_tokens = max_batch_tokens
+        self.device = torch.device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(str(path))
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"cannot load {path} as a sequence classifier: {exc}") from None
+        model.eval()
+        if backend == "int8":
+            if self.device.type != "cpu":
+                raise ConfigError("serve.backend=int8 runs on CPU only; set serve.num_gpus=0 "
+                                  "or serve.backend=torch")
+            model = quantize_int8(model)
+        self.model = model.to(self.device)
+        self.backend = backend
+        id2label = model.config.id2label
+        self.labels = [str(id2label[i]) for i in range(len(id2label))]
+        self.model_name = self.info.get("model_name") or path.name
+        self.pad_id = self.tokenizer.pad_token_id or 0
+
+    def chunks(self, lengths: Sequence[int]) -> list[list[int]]:
+        """Row indices sorted by length, grouped so each padded chunk stays within the token budget."""
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+        out: list[list[int]] = []
+        current: list[int] = []
+        for i in order:
+            # rows are sorted, so the chunk's width is this row's length (rounded up to 8)
+            width = -(-max(lengths[i], 1) // 8) * 8
+            if current and (len(current) + 1) * width > self.max_batch_tokens:
+                out.append(current)
+                current = []
+            current.append(i)
+        if current:
+            out.append(current)
+        return out
+
+    def logits(self, texts: Sequence[str]) -> "Any":
+        """Logits (numpy, float32) in input order."""
+        import numpy as np
+        import torch
+
+        from distilray.data import pad_batch, tokenize_texts
+
+        ids = tokenize_texts(self.tokenizer, texts, self.max_length)
+        result = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
+        with torch.inference_mode():
+            for chunk in self.chunks([len(r) for r in ids]):
+                input_ids, mask = pad_batch([ids[i] for i in chunk], self.pad_id, "dynamic",
+                                            self.max_length, 8)
+                out = self.model(input_ids=torch.from_numpy(input_ids).to(self.device),
+                                 attention_mask=torch.from_numpy(mask).to(self.device))
+                result[chunk] = out.logits.float().cpu().numpy()
+        return result
+
+    def predict(self, texts: Sequence[str]) -> list[Prediction]:
+        import numpy as np
+
+        if not texts:
+            return []
+        logits = self.logits(texts)
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        probs = np.exp(shifted)
+        probs /= probs.sum(axis=1, keepdims=True)
+        out = []
+        for row in probs:
+            best = int(row.argmax())
+            out.append(Prediction(label=self.labels[best], score=float(row[best]),
+                                  probabilities={lab: float(p) for lab, p in zip(self.labels, row, strict=True)}))
+        return out
+
+
+def quantize_int8(model: Any) -> Any:
+    """Dynamic int8 quantisation of every nn.Linear (weights int8, activations quantised per batch)."""
+    import torch
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch marks the eager quantisation API deprecated
+        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+# --------------------------------------------------------------------------- HTTP schema
+
+
+class PredictionOut(BaseModel):
+    label: str = Field(description="The most probable class.")
+    score: float = Field(ge=0.0, le=1.0, description="Probability of `label`.")
+    probabilities: dict[str, float] = Field(description="Probability of every class.")
+
+
+class ClassifyResponse(BaseModel):
+    model: str = Field(description="Base model the checkpoint was fine-tuned from.")
+    checkpoint: str = Field(description="`run@step:sha256[:12]` of the served weights.")
+    predictions: list[PredictionOut] = Field(description="One per input text, in order.")
+
+
+class ErrorItem(BaseModel):
+    field: str = Field(description="Where the problem is, e.g. `texts[3]` or `body`.")
+    message: str
+    limit: int | None = Field(default=None, description="The limit that was exceeded, if any.")
+
+
+class ErrorResponse(BaseModel):
+    error: str = Field(description="Short machine-readable kind, e.g. `invalid_request`.")
+    message: str = Field(description="One line saying what is wrong and how to fix it.")
+    detail: list[ErrorItem] = Field(default_factory=list)
+
+
+def request_models(max_texts: int, max_text_chars: int) -> tuple[type[BaseModel], type[BaseModel]]:
+    """`{"text": ...}` and `{"texts": [...]}` bodies with this server's limits in their schema."""
+    one_text = Annotated[str, StringConstraints(min_length=1, max_length=max_text_chars,
+                                                pattern=r"\S")]
+
+    class TextRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid", json_schema_extra={
+            "examples": [{"text": "a charming and often affecting journey"}]})
+        text: one_text = Field(description=f"1 to {max_text_chars} characters, not all whitespace.")
+
+    class TextsRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid", json_schema_extra={
+            "examples": [{"texts": ["loved it", "a tedious, lifeless script"]}]})
+        texts: list[one_text] = Field(min_length=1, max_length=max_texts,
+                                  description=f"1 to {max_texts} texts, each like `text`.")
+
+    return TextRequest, TextsRequest
+
+
+def _field_name(loc: Sequence[Any]) -> str:
+    parts = [p for p in loc if p not in ("body", "TextRequest", "TextsRequest")]
+    name = ""
+    for p in parts:
+        if isinstance(p, int):
+            name += f"[{p}]"
+        elif not str(p).startswith(("function-", "union")):
+            name += f".{p}" if name else str(p)
+    return name or "body"
+
+
+def describe_validation_errors(errors: Sequence[dict[str, Any]], body: Any, max_texts: int,
+                               max_text_chars: int) -> tuple[int, ErrorResponse]:
+    """Turn pydantic errors into (status, one readable error naming each field and limit)."""
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return 400, ErrorResponse(
+            error="malformed_json", message="the request body is not valid JSON; send "
+            '{"text": "..."} or {"texts": ["...", ...]} with Content-Type: application/json',
+            detail=[ErrorItem(field="body", message="invalid JSON")])
+    if not isinstance(body, dict) or ("text" in body) == ("texts" in body):
+        return 422, ErrorResponse(
+            error="invalid_request",
+            message='send exactly one of {"text": "..."} or {"texts": ["...", ...]}',
+            detail=[ErrorItem(field="body", message="expected an object with exactly one of "
+                                                     "the fields 'text' or 'texts'")])
+    branch = "TextRequest" if "text" in body else "TextsRequest"
+    items: list[ErrorItem] = []
+    for err in errors:
+        loc = list(err.get("loc", ()))
+        if any(b in loc for b in ("TextRequest", "TextsRequest")) and branch not in loc:
+            continue  # the error belongs to the other shape of body
+        field, kind = _field_name(loc), err.get("type", "")
+        if kind == "string_too_long":
+            items.append(ErrorItem(field=field, message=f"{field} is longer than "
+                                   f"{max_text_chars} characters", limit=max_text_chars))
+        elif kind == "string_too_short" or kind == "string_pattern_mismatch":
+            items.append(ErrorItem(field=field, message=f"{field} is empty or only whitespace"))
+        elif kind == "too_long":
+            items.append(ErrorItem(field=field, message=f"{field} has more than {max_texts} "
+                                   "texts; split the request", limit=max_texts))
+        elif kind == "too_short":
+            items.append(ErrorItem(field=field, message=f"{field} is empty; send at least one text"))
+        elif kind == "string_type":
+            items.append(ErrorItem(field=field, message=f"{field} must be a string"))
+        elif kind == "list_type":
+            items.append(ErrorItem(field=field, message=f"{field} must be a list of strings"))
+        elif kind == "extra_forbidden":
+            items.append(ErrorItem(field=field, message=f"unknown field '{field}'; send only "
+                                   "'text' or 'texts'"))
+        else:
+            items.append(ErrorItem(field=field, message=f"{field}: {err.get('msg', kind)}"))
+    if not items:
+        items = [ErrorItem(field="body", message="invalid request")]
+    return 422, ErrorResponse(error="invalid_request",
+                              message="; ".join(i.message for i in items[:5]), detail=items)
+
+
+def error_json(status: int, error: str, message: str, **headers: str) -> Any:
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(status_code=status, headers=headers or None,
+                        content=ErrorResponse(error=error, message=message).model_dump())
+
+
+def read_token(auth_token_env: str, auth_token_file: str | None) -> str | None:
+    """The bearer token this server requires, or None when auth is off."""
+    if auth_token_file:
+        path = Path(auth_token_file).expanduser()
+        try:
+            token = path.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"serve.auth_token_file={auth_token_file}: cannot read it "
+                              f"({exc.strerror}); fix the path or unset it") from None
+        if not token:
+            raise ConfigError(f"serve.auth_token_file={auth_token_file} is empty")
+        return token
+    token = os.environ.get(auth_token_env, "").strip()
+    return token or None
+
+
+# --------------------------------------------------------------------------- Serve glue
+
+
+def replica_args(cfg: ServeConfig) -> dict[str, Any]:
+    return {k: getattr(cfg, k) for k in REPLICA_KEYS}
+
+
+def deployment_options(cfg: ServeConfig) -> list[dict[str, Any]]:
+    """Serve options of both deployments (the `deployments:` entries of a Serve config).
+
+    `Classifier` holds the model and autoscales on ongoing requests; `Ingress` is the light
+    HTTP front (validation, auth, retries when a Classifier replica dies mid-request).
+    """
+    autoscaling: dict[str, Any] = {
+        "min_replicas": cfg.min_replicas,
+        "max_replicas": cfg.max_replicas,
+        "target_ongoing_requests": cfg.target_ongoing_requests,
+        "upscale_delay_s": cfg.upscale_delay_s,
+        "downscale_delay_s": cfg.downscale_delay_s,
+        "metrics_interval_s": cfg.metrics_interval_s,
+        "look_back_period_s": cfg.look_back_period_s,
+    }
+    if cfg.initial_replicas is not None:
+        autoscaling["initial_replicas"] = cfg.initial_replicas
+    actor: dict[str, Any] = {"num_cpus": cfg.num_cpus}
+    if cfg.num_gpus > 0:
+        actor["num_gpus"] = cfg.num_gpus
+    backpressure = {"status_code": 503, "retry_after_s": cfg.retry_after_s}
+    health = {"health_check_period_s": cfg.health_check_period_s, "health_check_timeout_s": 30.0,
+              "graceful_shutdown_timeout_s": cfg.request_timeout_s + 5.0}
+    classifier = {
+        "name": CLASSIFIER_NAME,
+        "max_ongoing_requests": cfg.max_ongoing_requests,
+        "max_queued_requests": cfg.max_queued_requests,
+        "backpressure_config": backpressure,
+        "autoscaling_config": autoscaling,
+        "ray_actor_options": actor,
+        **health,
+    }
+    ingress = {
+        "name": INGRESS_NAME,
+        "num_replicas": cfg.ingress_replicas,
+        # enough slots to keep every Classifier replica busy; beyond that, queue then 503
+        "max_ongoing_requests": cfg.max_ongoing_requests * cfg.max_replicas,
+        "max_queued_requests": cfg.max_queued_requests,
+        "backpressure_config": backpressure,
+        "ray_actor_options": {"num_cpus": INGRESS_NUM_CPUS},
+        **health,
+    }
+    return [ingress, classifier]
+
+
+def http_options(cfg: ServeConfig) -> dict[str, Any]:
+    # The proxy's limit covers queueing too; the ingress answers 504 first when the
+    # classification alone takes longer than request_timeout_s.
+    return {"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.request_timeout_s + 1.0}
+
+
+def emit_serve_config(cfg: Config, checkpoint: str) -> dict[str, Any]:
+    """A Serve config that `serve run`, `serve deploy` and RayService `serveConfigV2` accept."""
+    s = cfg.serve
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": http_options(s),
+        "applications": [{
+            "name": s.app_name,
+            "route_prefix": s.route_prefix,
+            "import_path": IMPORT_PATH,
+            "args": {"checkpoint": checkpoint, "serve": replica_args(s)},
+            "deployments": deployment_options(s),
+        }],
+    }
+
+
+def serve_config_from_args(args: dict[str, Any]) -> tuple[str, ServeConfig]:
+    """Validate `args` of a Serve config ({checkpoint, serve: {...}}) like any distilray config."""
+    if not isinstance(args, dict) or not args.get("checkpoint"):
+        raise ConfigError("Serve application args need 'checkpoint' (a checkpoint directory); "
+                          f"got {args!r}")
+    unknown = sorted(set(args) - {"checkpoint", "serve"})
+    if unknown:
+        raise ConfigError(f"unknown Serve application args {unknown}; allowed: checkpoint, serve")
+    cfg = config_from_dict({"serve": args.get("serve") or {}})
+    return str(args["checkpoint"]), cfg.serve
+
+
+def build_app(args: dict[str, Any]) -> Any:
+    """Serve application builder: the `import_path` of every distilray Serve config."""
+    checkpoint, cfg = serve_config_from_args(args)
+    return bind_app(checkpoint, cfg)
+
+
+def bind_app(checkpoint: str, cfg: ServeConfig, env_vars: dict[str, str] | None = None) -> Any:
+    """The bound application; `env_vars` reach the replicas through their runtime_env."""
+    ingress_cls, classifier_cls = make_deployments(cfg)
+    ingress_opts, classifier_opts = deployment_options(cfg)
+    for opts in (ingress_opts, classifier_opts):
+        opts.pop("name")
+        if env_vars:
+            opts["ray_actor_options"]["runtime_env"] = {"env_vars": env_vars}
+    settings = replica_args(cfg)
+    classifier = classifier_cls.options(**classifier_opts).bind(checkpoint, settings)
+    return ingress_cls.options(**ingress_opts).bind(classifier, settings)
+
+
+def _count_texts(chunks: list[list[str]]) -> int:
+    return sum(len(c) for c in chunks)
+
+
+def make_deployments(cfg: ServeConfig) -> tuple[Any, Any]:
+    """The two Serve deployment classes for this config: (Ingress, Classifier)."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from ray import serve
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import BackPressureError
+    from ray.serve.metrics import Counter, Gauge, Histogram
+
+    text_request, texts_request = request_models(cfg.max_texts, cfg.max_text_chars)
+    max_texts, max_chars = cfg.max_texts, cfg.max_text_chars
+    app = FastAPI(
+        title="distilray classifier",
+        version="1",
+        description="Text classification with a fine-tuned DistilBERT checkpoint, on Ray Serve. "
+                    "Send a bearer token in `Authorization` when the server has one configured.")
+    error_responses: dict[int | str, dict[str, Any]] = {
+        400: {"model": ErrorResponse, "description": "Malformed JSON"},
+        401: {"model": ErrorResponse, "description": "Missing or wrong bearer token"},
+        422: {"model": ErrorResponse, "description": "Invalid text(s): the field and limit are named"},
+        503: {"model": ErrorResponse, "description": "Overloaded (see Retry-After) or no replica"},
+        504: {"model": ErrorResponse, "description": "Classification took longer than the request timeout"},
+    }
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        status, body = describe_validation_errors(exc.errors(), exc.body, max_texts, max_chars)
+        return JSONResponse(status_code=status, content=body.model_dump())
+
+    @serve.deployment(name=CLASSIFIER_NAME)
+    class ClassifierDeployment:
+        """One model replica: a Predictor behind a `serve.batch` queue counted in texts."""
+
+        def __init__(self, checkpoint: str, settings: dict[str, Any]):
+            import torch
+
+            s = replace(ServeConfig(), **settings)
+            threads = s.torch_threads or max(1, int(s.num_cpus))
+            torch.set_num_threads(threads)
+            device = "cuda" if s.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+            self._predictor = Predictor(checkpoint, s.max_length, s.backend, s.max_batch_tokens,
+                                        device)
+            self._batch_size = Histogram("distilray_batch_size", "Texts per forward batch",
+                                         boundaries=BATCH_BOUNDARIES)
+            self._queue = Gauge("distilray_queue_length",
+                                "Texts waiting for or in a forward pass on this replica")
+            self._texts = Counter("distilray_texts", "Texts classified")
+            self._pending = 0
+            self._failures = 0
+            t0 = time.perf_counter()
+            self._predictor.predict(["warm-up forward pass"])
+            self._warmup_ms = (time.perf_counter() - t0) * 1000
+            log.info("Classifier replica ready: %s (%s, %s, %d threads), warm-up %.0f ms",
+                     self._predictor.info["id"], device, s.backend, threads, self._warmup_ms)
+
+        async def classify(self, texts: list[str]) -> list[Prediction]:
+            self._pending += len(texts)
+            self._queue.set(self._pending)
+            try:
+                return await self._classify_batch(texts)
+            finally:
+                self._pending -= len(texts)
+                self._queue.set(self._pending)
+
+        @serve.batch(max_batch_size=cfg.max_batch_size, batch_size_fn=_count_texts,
+                     batch_wait_timeout_s=cfg.batch_wait_timeout_s)
+        async def _classify_batch(self, requests: list[list[str]]) -> list[list[Prediction]]:
+            flat = [t for texts in requests for t in texts]
+            self._batch_size.observe(len(flat))
+            try:
+                # a worker thread, so the event loop keeps accepting and queueing requests
+                preds = await asyncio.to_thread(self._predictor.predict, flat)
+            except Exception:
+                self._failures += 1
+                raise
+            self._failures = 0
+            self._texts.inc(len(flat))
+            out, i = [], 0
+            for texts in requests:
+                out.append(preds[i: i + len(texts)])
+                i += len(texts)
+            return out
+
+        def info(self) -> dict[str, Any]:
+            p = self._predictor
+            return {"model": p.model_name, "checkpoint": p.info, "labels": p.labels,
+                    "max_length": p.max_length, "backend": p.backend, "device": str(p.device),
+                    "warmup_ms": round(self._warmup_ms, 1)}
+
+        def check_health(self) -> None:
+            """Serve replaces a replica whose forward pass keeps failing."""
+            if self._failures >= 3:
+                raise RuntimeError(f"{self._failures} consecutive forward passes failed")
+
+    @serve.deployment(name=INGRESS_NAME)
+    @serve.ingress(app)
+    class IngressDeployment:
+        """HTTP front: validate, authenticate, split into batches, retry on replica loss."""
+
+        def __init__(self, classifier: Any, settings: dict[str, Any]):
+            s = replace(ServeConfig(), **settings)
+            self._classifier = classifier
+            self._token = read_token(s.auth_token_env, s.auth_token_file)
+            self._timeout_s = s.request_timeout_s
+            self._chunk = s.max_batch_size
+            self._info: dict[str, Any] | None = None
+            self._requests = Counter("distilray_requests", "HTTP requests answered, by status",
+                                     tag_keys=("route", "status"))
+            self._latency = Histogram("distilray_request_latency_ms", "Ingress-side latency",
+                                      boundaries=LATENCY_BOUNDARIES_MS, tag_keys=("route",))
+
+        def _authorized(self, request: Request) -> bool:
+            if self._token is None:
+                return True
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            return scheme.lower() == "bearer" and hmac.compare_digest(
+                given.strip().encode(), self._token.encode())
+
+        def _done(self, route: str, status: int, t0: float, response: Any) -> Any:
+            self._requests.inc(tags={"route": route, "status": str(status)})
+            self._latency.observe((time.perf_counter() - t0) * 1000, tags={"route": route})
+            return response
+
+        async def _model_info(self) -> dict[str, Any]:
+            if self._info is None:
+                self._info = await self._classifier.info.remote()
+            return self._info
+
+        async def _classify_chunk(self, texts: list[str]) -> list[Prediction]:
+            # Classification is idempotent: when a Classifier replica dies mid-request the
+            # router marks it dead, and the retry lands on a live (or replacement) replica.
+            for attempt in range(1, 4):
+                try:
+                    return await self._classifier.classify.remote(texts)
+                except RayActorError:
+                    if attempt == 3:
+                        raise
+                    log.warning("Classifier replica lost mid-request; retry %d/2", attempt)
+                    await asyncio.sleep(0.1 * attempt)
+            raise AssertionError("unreachable")
+
+        @app.post("/v1/classify", response_model=ClassifyResponse, responses=error_responses,
+                  summary="Classify one text or a list of texts")
+        async def classify(self, body: text_request | texts_request,  # type: ignore[valid-type]
+                           request: Request) -> Any:
+            t0, route = time.perf_counter(), "/v1/classify"
+            if not self._authorized(request):
+                return self._done(route, 401, t0, error_json(
+                    401, "unauthorized", "send 'Authorization: Bearer <token>' with the "
+                    "server's token", **{"WWW-Authenticate": "Bearer"}))
+            texts = [body.text] if hasattr(body, "text") else list(body.texts)
+            chunks = [texts[i: i + self._chunk] for i in range(0, len(texts), self._chunk)]
+            tasks = [asyncio.ensure_future(self._classify_chunk(c)) for c in chunks]
+            try:
+                results = await asyncio.wait_for(asyncio.gather(*tasks), self._timeout_s)
+            except TimeoutError:
+                return self._done(route, 504, t0, error_json(
+                    504, "timeout", f"classifying {len(texts)} text(s) took longer than "
+                    f"serve.request_timeout_s={self._timeout_s}s; retry later, send fewer "
+                    "texts, or raise the timeout"))
+            except BackPressureError as exc:
+                retry = exc.retry_after_s
+                headers = {"Retry-After": str(max(1, int(retry + 0.999)))} if retry is not None else {}
+                return self._done(route, 503, t0, error_json(
+                    503, "overloaded", f"all Classifier replicas are busy ({exc.message}); retry "
+                    "after the Retry-After delay", **headers))
+            finally:
+                for task in tasks:
+                    task.cancel()
+            info = await self._model_info()
+            preds = [p for chunk in results for p in chunk]
+            return self._done(route, 200, t0, ClassifyResponse(
+                model=info["model"], checkpoint=info["checkpoint"]["id"],
+                predictions=[PredictionOut(**asdict(p)) for p in preds]))
+
+        @app.get("/healthz", summary="The HTTP front is up")
+        async def healthz(self) -> dict[str, str]:
+            return {"status": "ok"}
+
+        @app.get("/readyz", summary="A model replica is loaded and has run a warm-up forward pass",
+                 responses={503: {"model": ErrorResponse}})
+        async def readyz(self) -> Any:
+            try:
+                info = await asyncio.wait_for(self._classifier.info.remote(), 5.0)
+            except (TimeoutError, RayActorError, BackPressureError):
+                return error_json(503, "not_ready", "no Classifier replica answered within 5s")
+            self._info = info
+            return {"status": "ready", "model": info["model"],
+                    "checkpoint": info["checkpoint"]["id"], "warmup_ms": info["warmup_ms"]}
+
+        @app.get("/v1/model", summary="What is served: checkpoint, labels, limits",
+                 responses={401: {"model": ErrorResponse}})
+        async def model_info(self, request: Request) -> Any:
+            if not self._authorized(request):
+                return error_json(401, "unauthorized", "send 'Authorization: Bearer <token>'",
+                                  **{"WWW-Authenticate": "Bearer"})
+            return {**await self._model_info(), "max_texts": max_texts,
+                    "max_text_chars": max_chars}
+
+    return IngressDeployment, ClassifierDeployment
+
+
+# --------------------------------------------------------------------------- starting and stopping
+
+
+def _connect(start_local: bool) -> bool:
+    """Connect to RAY_ADDRESS, a cluster this process already joined, or a new local one."""
+    import ray
+
+    if ray.is_initialized():
+        return True
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+        return True
+    if not start_local:
+        return False
+    ray.init(include_dashboard=False, log_to_driver=False)
+    return True
+
+
+def base_url(cfg: ServeConfig) -> str:
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+    prefix = cfg.route_prefix.rstrip("/")
+    return f"http://{host}:{cfg.port}{prefix}"
+
+
+def wait_ready(url: str, timeout_s: float = 120.0, token: str | None = None) -> dict[str, Any]:
+    """Poll `<url>/readyz` until it answers 200; return its body."""
+    import requests
+
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            r = requests.get(f"{url}/readyz", timeout=5)
+            if r.status_code == 200:
+                return r.json()
+            last = f"HTTP {r.status_code}: {r.text[:200]}"
+        except requests.RequestException as exc:
+            last = type(exc).__name__
+        time.sleep(0.5)
+    raise DistilrayError(f"{url}/readyz did not answer 200 within {timeout_s:.0f}s (last: {last}); "
+                         "see the replica logs in /tmp/ray/session_latest/logs/serve/")
+
+
+def start_server(cfg: Config, checkpoint: str, detach: bool = True) -> str:
+    """Deploy `checkpoint` with `cfg.serve`, wait until /readyz answers, return the base URL.
+
+    Uses RAY_ADDRESS, the cluster this process is connected to, or a new local one.
+    detach=False keeps serving until Ctrl-C, then deletes the application.
+    """
+    from ray import serve
+
+    s = cfg.serve
+    path = check_checkpoint(checkpoint)
+    read_token(s.auth_token_env, s.auth_token_file)  # fail here, not in every replica
+    _connect(start_local=True)
+    serve.start(http_options=http_options(s))
+    actual = serve.context._get_global_client().http_config
+    if (actual.host, actual.port) != (s.host, s.port):
+        log.warning("Serve is already running on %s:%s (asked for %s:%s); using it",
+                    actual.host, actual.port, s.host, s.port)
+        s = replace(s, host=actual.host, port=actual.port)
+    token = os.environ.get(s.auth_token_env)
+    # replicas on an already running cluster do not see this shell's environment
+    env = {s.auth_token_env: token} if token and not s.auth_token_file else None
+    app = bind_app(str(path), s, env)
+    t0 = time.time()
+    serve.run(app, name=s.app_name, route_prefix=s.route_prefix, blocking=False)
+    url = base_url(s)
+    ready = wait_ready(url)
+    log.info("serving %s at %s (ready in %.1fs)", ready.get("checkpoint"), url, time.time() - t0)
+    if not detach:
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            log.info("stopping %s", s.app_name)
+            shutdown_server(cfg)
+    return url
+
+
+def shutdown_server(cfg: Config) -> bool:
+    """Delete the application; shut Serve down when nothing else is deployed. False if none ran."""
+    from ray import serve
+
+    if not _connect(start_local=False):
+        return False
+    try:
+        apps = serve.status().applications
+    except Exception:  # Serve not running on this cluster
+        return False
+    if cfg.serve.app_name not in apps:
+        return False
+    serve.delete(cfg.serve.app_name)
+    if not set(apps) - {cfg.serve.app_name}:
+        serve.shutdown()
+    return True
+
+
+def _start_persistent_cluster() -> None:
+    """For --detach without a cluster: `ray start --head` so the server outlives this command."""
+    ray_bin = shutil.which("ray")
+    if ray_bin is None:
+        raise DistilrayError("--detach needs the `ray` command (pip install 'ray[serve]')")
+    log.info("no Ray cluster found: starting one with `ray start --head` (stop it with `ray stop`)")
+    proc = subprocess.run([ray_bin, "start", "--head", "--include-dashboard=false",
+                           "--disable-usage-stats"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise DistilrayError(f"`ray start --head` failed: {proc.stderr.strip()[-400:]}")
+
+
+def _running_cluster_address() -> str | None:
+    from ray._private.services import find_bootstrap_address
+
+    found = find_bootstrap_address(None)
+    return next(iter(found)) if found else None
+
+
+def serve_main(cfg: Config, args: Any) -> int:
+    """`distilray serve`: emit a Serve config, stop the app, or deploy and print the URL."""
+    overrides = {}
+    if getattr(args, "host", None):
+        overrides["host"] = args.host
+    if getattr(args, "port", None):
+        overrides["port"] = args.port
+    if overrides:
+        cfg = replace(cfg, serve=replace(cfg.serve, **overrides))
+        problems = _serve_problems(cfg)
+        if problems:
+            raise ConfigError(problems)
+    if getattr(args, "stop", False):
+        stopped = shutdown_server(cfg)
+        print(f"stopped {cfg.serve.app_name}" if stopped else
+              f"no application '{cfg.serve.app_name}' is running")
+        return 0
+    checkpoint = resolve_checkpoint(getattr(args, "checkpoint", None) or
+                                    (None if getattr(args, "experiment", None)
+                                     else cfg.serve.checkpoint),
+                                    getattr(args, "experiment", None))
+    if getattr(args, "emit_config", None):
+        local = Path(checkpoint).expanduser()
+        ckpt = str(local.resolve()) if local.is_dir() else checkpoint  # else: a path in the pod
+        text = "# Generated by `distilray serve --emit-config`. Use with `serve run FILE`,\n" \
+               "# `serve deploy FILE`, or paste it as a RayService's serveConfigV2.\n" + \
+               _yaml_dump(emit_serve_config(cfg, ckpt))
+        Path(args.emit_config).write_text(text)
+        print(f"wrote {args.emit_config}")
+        return 0
+    check_checkpoint(checkpoint)
+    if args.detach and not os.environ.get("RAY_ADDRESS"):
+        address = _running_cluster_address()
+        if address is None:
+            _start_persistent_cluster()
+            address = _running_cluster_address()
+        os.environ["RAY_ADDRESS"] = address or "auto"
+    url = start_server(cfg, checkpoint, detach=True)
+    print(f"serving at {url}  (try: curl -X POST {url}/v1/classify -H 'Content-Type: "
+          "application/json' -d '{\"text\": \"a great movie\"}')", flush=True)
+    if args.detach:
+        print("detached; stop it with `distilray serve --stop`")
+        return 0
+    print("press Ctrl-C to stop", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        shutdown_server(cfg)
+    return 0
+
+
+def _serve_problems(cfg: Config) -> list[str]:
+    from distilray.config import config_to_dict
+
+    try:
+        config_from_dict(config_to_dict(cfg))
+    except ConfigError as exc:
+        return exc.problems
+    return []
+
+
+def _yaml_dump(data: dict[str, Any]) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False)
+
+

@@ -1,0 +1,221 @@
+"""Serve's pure parts without a cluster: request validation, batched inference, Serve config."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+from pydantic import TypeAdapter, ValidationError
+
+from distilray.config import load_config
+from distilray.errors import CheckpointError, ConfigError, DistilrayError
+from distilray.serve import (
+    CLASSIFIER_NAME,
+    IMPORT_PATH,
+    INGRESS_NAME,
+    Predictor,
+    check_checkpoint,
+    describe_validation_errors,
+    emit_serve_config,
+    read_token,
+    request_models,
+    resolve_checkpoint,
+    serve_config_from_args,
+)
+
+TEXTS = ["a charming and often affecting journey .", "bad", "unflinchingly bleak and desperate",
+         "the plot was not boring at all , but the ending was utterly forgettable and the cast "
+         "seemed tired of the whole thing by the second act ."]
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    from distilray.model import load_classifier, load_tokenizer, resolve_model
+
+    path = tmp_path_factory.mktemp("tiny-ckpt")
+    source = resolve_model("tiny")
+    load_classifier(source, ["negative", "positive"], seed=3).save_pretrained(path)
+    load_tokenizer(source).save_pretrained(path)
+    (path / "distilray.json").write_text(json.dumps(
+        {"run_name": "unit", "step": 7, "epoch": 1, "metrics": {"eval_accuracy": 0.5},
+         "model_name": "tiny", "max_length": 64}))
+    return path
+
+
+def _errors(body, max_texts=4, max_chars=20):
+    text_req, texts_req = request_models(max_texts, max_chars)
+    try:
+        TypeAdapter(text_req | texts_req).validate_python(body)
+    except ValidationError as exc:
+        return describe_validation_errors(exc.errors(), body, max_texts, max_chars)
+    return None
+
+
+@pytest.mark.parametrize("body, field, limit, words", [
+    ({"text": ""}, "text", None, "empty"),
+    ({"text": " \n\t"}, "text", None, "whitespace"),
+    ({"text": "x" * 21}, "text", 20, "longer than 20"),
+    ({"text": 3}, "text", None, "must be a string"),
+    ({"texts": []}, "texts", None, "at least one"),
+    ({"texts": ["a"] * 5}, "texts", 4, "more than 4"),
+    ({"texts": ["ok", None]}, "texts[1]", None, "must be a string"),
+    ({"texts": "not a list"}, "texts", None, "list of strings"),
+    ({"text": "a", "texts": ["b"]}, "body", None, "exactly one"),
+    ({}, "body", None, "exactly one"),
+    ([1, 2], "body", None, "exactly one"),
+])
+def test_invalid_bodies_name_the_field_and_limit(body, field, limit, words):
+    status, err = _errors(body)
+    assert status == 422
+    assert err.detail[0].field == field
+    assert err.detail[0].limit == limit
+    assert words in err.message
+
+
+def test_valid_bodies_pass_and_json_errors_are_400():
+    assert _errors({"text": "fine"}) is None
+    assert _errors({"texts": ["a", " b ", "x" * 20]}) is None
+    status, err = describe_validation_errors([{"type": "json_invalid", "loc": ("body", 1)}],
+                                             "{bad", 4, 20)
+    assert status == 400 and err.error == "malformed_json"
+
+
+def test_request_schema_carries_the_limits():
+    text_req, texts_req = request_models(7, 99)
+    schema = texts_req.model_json_schema()
+    assert schema["properties"]["texts"]["maxItems"] == 7
+    assert schema["additionalProperties"] is False
+    assert text_req.model_json_schema()["properties"]["text"]["maxLength"] == 99
+
+
+def test_predictor_batches_match_single_texts_and_plain_forward(tiny_checkpoint):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    pred = Predictor(str(tiny_checkpoint), max_length=64, max_batch_tokens=64)
+    assert pred.labels == ["negative", "positive"]
+    assert pred.info["id"].startswith("unit@step7:")
+    batched = pred.logits(TEXTS)
+    single = np.concatenate([pred.logits([t]) for t in TEXTS])
+    np.testing.assert_allclose(batched, single, atol=1e-5)
+
+    tok = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_checkpoint).eval()
+    with torch.inference_mode():
+        ref = np.concatenate([model(**tok(t, truncation=True, max_length=64,
+                                          return_tensors="pt")).logits.numpy() for t in TEXTS])
+    np.testing.assert_allclose(batched, ref, atol=1e-5)
+
+    out = pred.predict(TEXTS)
+    for p, row in zip(out, ref, strict=True):
+        probs = np.exp(row - row.max()) / np.exp(row - row.max()).sum()
+        assert p.label == pred.labels[int(row.argmax())]
+        assert p.score == pytest.approx(float(probs.max()), abs=1e-6)
+        assert sum(p.probabilities.values()) == pytest.approx(1.0, abs=1e-6)
+    assert pred.predict([]) == []
+
+
+def test_chunks_sort_by_length_and_respect_the_token_budget(tiny_checkpoint):
+    pred = Predictor(str(tiny_checkpoint), max_length=64, max_batch_tokens=32)
+    lengths = [30, 3, 9, 17, 5, 64, 8]
+    chunks = pred.chunks(lengths)
+    assert sorted(i for c in chunks for i in c) == list(range(len(lengths)))
+    flat = [lengths[i] for c in chunks for i in c]
+    assert flat == sorted(lengths)
+    for c in chunks:
+        width = -(-max(lengths[i] for i in c) // 8) * 8
+        assert len(c) == 1 or len(c) * width <= 32
+
+
+def test_int8_backend_stays_close_to_fp32(tiny_checkpoint):
+    fp32 = Predictor(str(tiny_checkpoint), max_length=64)
+    int8 = Predictor(str(tiny_checkpoint), max_length=64, backend="int8")
+    assert "DynamicQuantizedLinear" in repr(int8.model)
+    a, b = fp32.logits(TEXTS), int8.logits(TEXTS)
+    assert np.abs(a - b).max() < 0.05
+
+
+def test_checkpoint_errors_name_the_problem(tmp_path, tiny_checkpoint):
+    with pytest.raises(CheckpointError, match="no such directory"):
+        check_checkpoint(str(tmp_path / "missing"))
+    with pytest.raises(CheckpointError, match="no config.json"):
+        check_checkpoint(str(tmp_path))
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="no weights"):
+        check_checkpoint(str(tmp_path))
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    with pytest.raises(CheckpointError, match="no best/"):
+        resolve_checkpoint(experiment=str(exp))
+    (exp / "best").mkdir()
+    assert resolve_checkpoint(experiment=str(exp)) == str(exp / "best")
+    with pytest.raises(ConfigError, match="--checkpoint"):
+        resolve_checkpoint()
+    with pytest.raises(ConfigError, match="not both"):
+        resolve_checkpoint("a", "b")
+    assert check_checkpoint(str(tiny_checkpoint)) == tiny_checkpoint.resolve()
+
+
+def test_token_from_env_or_file(tmp_path, monkeypatch):
+    monkeypatch.delenv("DR_TEST_TOKEN", raising=False)
+    assert read_token("DR_TEST_TOKEN", None) is None
+    monkeypatch.setenv("DR_TEST_TOKEN", " s3cret\n")
+    assert read_token("DR_TEST_TOKEN", None) == "s3cret"
+    f = tmp_path / "token"
+    f.write_text("from-file\n")
+    assert read_token("DR_TEST_TOKEN", str(f)) == "from-file"
+    with pytest.raises(ConfigError, match="auth_token_file"):
+        read_token("DR_TEST_TOKEN", str(tmp_path / "nope"))
+
+
+def test_emitted_config_is_a_valid_serve_config_and_round_trips():
+    from ray.serve.schema import ServeDeploySchema
+
+    cfg = load_config("configs/serve.yaml", ["serve.max_replicas=3", "serve.num_gpus=1",
+                                             "serve.host=0.0.0.0"])
+    emitted = emit_serve_config(cfg, "/models/best")
+    text = yaml.safe_dump(emitted, sort_keys=False)
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(text))
+    app = schema.applications[0]
+    assert app.import_path == IMPORT_PATH == "distilray.serve:build_app"
+    assert app.route_prefix == cfg.serve.route_prefix
+    deployments = {d.name: d for d in app.deployments}
+    assert set(deployments) == {INGRESS_NAME, CLASSIFIER_NAME}
+    clf = deployments[CLASSIFIER_NAME]
+    assert clf.autoscaling_config["max_replicas"] == 3
+    assert clf.ray_actor_options.num_gpus == 1
+    assert clf.max_ongoing_requests > clf.autoscaling_config["target_ongoing_requests"]
+    assert schema.http_options.host == "0.0.0.0"
+    checkpoint, serve_cfg = serve_config_from_args(app.args)
+    assert checkpoint == "/models/best"
+    assert serve_cfg.max_texts == cfg.serve.max_texts
+
+
+def test_build_app_rejects_bad_args_with_config_errors():
+    with pytest.raises(ConfigError, match="checkpoint"):
+        serve_config_from_args({})
+    with pytest.raises(ConfigError, match="unknown Serve application args"):
+        serve_config_from_args({"checkpoint": "/x", "replicas": 2})
+    with pytest.raises(ConfigError, match="serve.max_texts"):
+        serve_config_from_args({"checkpoint": "/x", "serve": {"max_texts": 0}})
+
+
+def test_shipped_serve_preset_loads_with_sane_capacity():
+    s = load_config("configs/serve.yaml").serve
+    assert s.host == "127.0.0.1"  # loopback unless asked: Serve's port has no Ray token auth
+    assert s.max_ongoing_requests > s.target_ongoing_requests
+    assert s.max_batch_size <= s.max_texts
+
+
+def test_client_reads_texts_from_args_and_file(tmp_path):
+    from distilray.client import read_texts
+
+    f = tmp_path / "texts.txt"
+    f.write_text("first line\n\n  second line  \n")
+    assert read_texts(["cli text", "  "], str(f)) == ["cli text", "first line", "second line"]
+    with pytest.raises(DistilrayError, match="no texts"):
+        read_texts([], None)
+    with pytest.raises(DistilrayError, match="cannot read"):
+        read_texts([], str(tmp_path / "missing.txt"))
