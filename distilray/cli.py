@@ -153,7 +153,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("cluster", help="start/stop a local multi-node Ray cluster")
-    p.add_argument("action", choices=["up", "down", "status"])
+    p.add_argument("action", choices=["up", "down", "status", "submit"])
+    p.add_argument("spec", nargs="?", help="submit: a job spec file (see cluster/jobs/)")
+    p.add_argument("--dir", help="where the cluster's state and logs live "
+                                 "(default: $DISTILRAY_CLUSTER_DIR or ~/.distilray/cluster)")
+    p.add_argument("--workers", type=int, default=1, help="up: worker nodes besides the head")
+    p.add_argument("--head-cpus", type=float, default=2, help="up: logical CPUs of the head")
+    p.add_argument("--worker-cpus", type=float, default=2, help="up: logical CPUs per worker node")
+    p.add_argument("--worker-gpus", type=int, default=0, help="up: GPUs per worker node")
+    p.add_argument("--object-store-mb", type=int, help="up: object store per node (default: Ray's)")
+    p.add_argument("--timeout", type=float, default=120, help="up: seconds to wait for all nodes")
+    p.add_argument("--purge", action="store_true", help="down: also delete state, logs, temp dir")
     p.set_defaults(func=cmd_cluster)
 
     p = sub.add_parser("quickstart", help="the whole flow offline on a built-in demo corpus")

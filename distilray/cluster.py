@@ -1,7 +1,573 @@
-"""Placeholder until the cluster stage lands."""
+"""`distilray cluster up|down|status|submit`: a real multi-node Ray cluster on one machine.
 
-from distilray._pending import not_implemented
+`up` starts a head and N worker nodes, each its own `ray start --block` process in its own
+session, with distinct logical resources (`distilray_head`, `distilray_worker`,
+`distilray_worker_<i>`) so jobs can be pinned or forced to spread. Every port Ray would
+otherwise take at a fixed default (GCS 6379, dashboard 8265, client 10001, agent 52365) is a
+free one, and the Ray temp dir is private, so the cluster coexists with other local Ray
+instances and `ray.init()` elsewhere never attaches to it by accident. `down` stops exactly
+the processes `up` started (by process id and session), never with `ray stop`, which would
+kill every Ray process on the machine.
+
+Token authentication follows Ray's defaults for a new local cluster: on unless
+`RAY_AUTH_MODE=disabled`; the token comes from `RAY_AUTH_TOKEN`, `RAY_AUTH_TOKEN_PATH` or
+`~/.ray/auth_token` (generated with `ray get-auth-token --generate` if none exists). Clients
+need `RAY_AUTH_MODE=token` and the same token; `up` writes `<dir>/env.sh` with both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from distilray.errors import ClusterError, ConfigError
+
+STATE_FILE = "cluster.json"
+ENV_FILE = "env.sh"
+HEAD_RESOURCE = "distilray_head"
+WORKER_RESOURCE = "distilray_worker"
+# Keys of a job spec file: the body of Ray's job REST API (`POST /api/jobs/`) / the keyword
+# arguments of `JobSubmissionClient.submit_job`.
+JOB_SPEC_KEYS = ("entrypoint", "runtime_env", "metadata", "submission_id", "entrypoint_num_cpus",
+                 "entrypoint_num_gpus", "entrypoint_memory", "entrypoint_resources")
 
 
-def cluster_main(*args: object) -> int:
-    raise not_implemented("cluster", "cluster")
+def default_state_dir() -> Path:
+    return Path(os.environ.get("DISTILRAY_CLUSTER_DIR", "~/.distilray/cluster")).expanduser()
+
+
+# --------------------------------------------------------------------------- planning (pure)
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    name: str
+    num_cpus: float
+    num_gpus: int = 0
+    resources: dict[str, float] = field(default_factory=dict)
+    object_store_mb: int | None = None
+
+
+def plan_nodes(workers: int, head_cpus: float, worker_cpus: float, worker_gpus: int = 0,
+               object_store_mb: int | None = None) -> list[NodeSpec]:
+    """The head and `workers` worker nodes, each with a resource no other node has."""
+    if workers < 1:
+        raise ClusterError(f"--workers={workers}: a multi-node cluster needs at least 1 worker node")
+    if head_cpus < 0 or worker_cpus <= 0:
+        raise ClusterError(f"--head-cpus={head_cpus} / --worker-cpus={worker_cpus}: CPU counts must "
+                           "be >= 0 for the head and > 0 for workers")
+    if object_store_mb is not None and object_store_mb < 80:
+        raise ClusterError(f"--object-store-mb={object_store_mb}: Ray needs at least 80 MB per node")
+    nodes = [NodeSpec("head", head_cpus, 0, {HEAD_RESOURCE: 1.0}, object_store_mb)]
+    for i in range(1, workers + 1):
+        nodes.append(NodeSpec(f"worker-{i}", worker_cpus, worker_gpus,
+                              {WORKER_RESOURCE: 1.0, f"{WORKER_RESOURCE}_{i}": 1.0}, object_store_mb))
+    return nodes
+
+
+def _fmt_num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def ray_start_command(node: NodeSpec, *, gcs_port: int, agent_port: int, temp_dir: str,
+                      head: bool, dashboard_port: int | None = None,
+                      client_port: int | None = None, ray_bin: str = "ray") -> list[str]:
+    """The `ray start --block` argv for one node; every fixed-default port is given explicitly."""
+    cmd = [ray_bin, "start", "--block", "--node-ip-address", "127.0.0.1",
+           "--num-cpus", _fmt_num(node.num_cpus), "--num-gpus", str(node.num_gpus),
+           "--resources", json.dumps(node.resources, sort_keys=True),
+           "--dashboard-agent-listen-port", str(agent_port),
+           # 0/0: workers bind OS-chosen ports, so nodes on one host never collide.
+           "--min-worker-port", "0", "--max-worker-port", "0",
+           "--disable-usage-stats"]
+    if node.object_store_mb is not None:
+        cmd += ["--object-store-memory", str(node.object_store_mb * 1024 * 1024)]
+    if head:
+        assert dashboard_port is not None and client_port is not None
+        cmd += ["--head", "--port", str(gcs_port), "--temp-dir", temp_dir,
+                "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+                "--dashboard-port", str(dashboard_port), "--ray-client-server-port", str(client_port)]
+    else:
+        cmd += ["--address", f"127.0.0.1:{gcs_port}"]
+    return cmd
+
+
+# --------------------------------------------------------------------------- auth
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    mode: str
+    """`token` or `disabled`."""
+    token_path: str | None
+    """File holding the token (None when it comes from RAY_AUTH_TOKEN or auth is off)."""
+    token_from_env: bool = False
+
+
+def resolve_auth(environ: Mapping[str, str], home: Path) -> AuthSettings:
+    """Ray's rule for a new local cluster: token auth unless RAY_AUTH_MODE=disabled."""
+    mode = environ.get("RAY_AUTH_MODE", "token").strip().lower() or "token"
+    if mode not in ("token", "disabled"):
+        raise ClusterError(f"RAY_AUTH_MODE={environ['RAY_AUTH_MODE']!r} is not a Ray auth mode; "
+                           "use token (default) or disabled")
+    if mode == "disabled":
+        return AuthSettings("disabled", None)
+    if environ.get("RAY_AUTH_TOKEN"):
+        return AuthSettings("token", None, token_from_env=True)
+    path = environ.get("RAY_AUTH_TOKEN_PATH") or str(home / ".ray" / "auth_token")
+    return AuthSettings("token", str(Path(path).expanduser()))
+
+
+def read_token(auth: AuthSettings, environ: Mapping[str, str]) -> str | None:
+    if auth.mode != "token":
+        return None
+    if auth.token_from_env:
+        return environ["RAY_AUTH_TOKEN"].strip()
+    assert auth.token_path is not None
+    try:
+        token = Path(auth.token_path).read_text().strip()
+    except OSError:
+        return None
+    return token or None
+
+
+def _ensure_token(auth: AuthSettings, env: Mapping[str, str]) -> str | None:
+    """Return the cluster token, generating ~/.ray/auth_token the way `ray.init()` would."""
+    token = read_token(auth, env)
+    if auth.mode != "token" or token:
+        return token
+    if env.get("RAY_AUTH_TOKEN_PATH"):
+        raise ClusterError(f"RAY_AUTH_TOKEN_PATH={env['RAY_AUTH_TOKEN_PATH']} does not hold a token; "
+                           "write one there (e.g. `openssl rand -hex 32 > $RAY_AUTH_TOKEN_PATH`) or "
+                           "unset it to use ~/.ray/auth_token")
+    subprocess.run([_ray_bin(), "get-auth-token", "--generate"], env=dict(env), check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+    token = read_token(auth, env)
+    if not token:
+        raise ClusterError(f"`ray get-auth-token --generate` wrote no token to {auth.token_path}")
+    return token
+
+
+def auth_headers(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def client_env_lines(state: ClusterState) -> list[str]:
+    """`export` lines that point `ray job submit` and `ray.init()` at the cluster."""
+    lines = [f"export RAY_ADDRESS={shlex.quote(state.dashboard_url)}",
+             f"export RAY_AUTH_MODE={state.auth_mode}"]
+    if state.auth_mode == "token" and state.token_path:
+        lines.append(f"export RAY_AUTH_TOKEN_PATH={shlex.quote(state.token_path)}")
+    return lines
+
+
+# --------------------------------------------------------------------------- state
+
+
+@dataclass
+class NodeProcess:
+    name: str
+    pid: int
+    start_ticks: int
+    """Process start time (/proc/<pid>/stat field 22): guards against a recycled pid."""
+    log: str
+    num_cpus: float
+    num_gpus: int
+    resources: dict[str, float]
+
+
+@dataclass
+class ClusterState:
+    gcs_address: str
+    dashboard_url: str
+    temp_dir: str
+    auth_mode: str
+    token_path: str | None
+    nodes: list[NodeProcess]
+
+    def save(self, state_dir: Path) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = state_dir / (STATE_FILE + ".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        tmp.replace(state_dir / STATE_FILE)
+        (state_dir / ENV_FILE).write_text(
+            "# source this file to submit jobs to the local distilray cluster\n"
+            + "\n".join(client_env_lines(self)) + "\n")
+
+    @classmethod
+    def load(cls, state_dir: Path) -> ClusterState | None:
+        try:
+            raw = json.loads((state_dir / STATE_FILE).read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise ClusterError(f"{state_dir / STATE_FILE} is unreadable ({exc}); remove it and "
+                               "stop leftover processes by pid (see its node logs)") from None
+        raw["nodes"] = [NodeProcess(**n) for n in raw["nodes"]]
+        return cls(**raw)
+
+
+def _proc_stat(pid: int) -> tuple[int, int] | None:
+    """(session id, start ticks) of a live process, or None."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2:].split()
+    if fields[0] == "Z":
+        return None
+    # After "pid (comm) ": state ppid pgrp session ... starttime is field 22 overall.
+    return int(fields[3]), int(fields[19])
+
+
+def _session_members(sid: int) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            st = _proc_stat(int(entry.name))
+            if st is not None and st[0] == sid:
+                pids.append(int(entry.name))
+    return pids
+
+
+def node_alive(node: NodeProcess) -> bool:
+    st = _proc_stat(node.pid)
+    return st is not None and st[0] == node.pid and st[1] == node.start_ticks
+
+
+# --------------------------------------------------------------------------- up / down
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray_bin() -> str:
+    here = Path(sys.executable).with_name("ray")
+    return str(here) if here.exists() else (shutil.which("ray") or "ray")
+
+
+def _http_json(url: str, token: str | None, timeout: float = 5.0) -> Any:
+    req = urllib.request.Request(url, headers=auth_headers(token))
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read().decode())
+
+
+def list_nodes(dashboard_url: str, token: str | None) -> list[dict[str, Any]]:
+    """Alive and dead nodes as the dashboard's state API reports them."""
+    data = _http_json(f"{dashboard_url}/api/v0/nodes?limit=1000", token)
+    return data["data"]["result"]["result"]
+
+
+def _spawn(cmd: list[str], log_path: Path, env: Mapping[str, str]) -> subprocess.Popen:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        # Own session: `down` can find every process this node started (raylet, GCS, workers).
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=dict(env), start_new_session=True)
+
+
+def _record(name: str, proc: subprocess.Popen, log: Path, spec: NodeSpec) -> NodeProcess:
+    st = _proc_stat(proc.pid)
+    if st is None:
+        raise ClusterError(f"node {name} exited at once; see {log}")
+    return NodeProcess(name, proc.pid, st[1], str(log), spec.num_cpus, spec.num_gpus,
+                       dict(spec.resources))
+
+
+def _wait_for_nodes(state: ClusterState, token: str | None, want: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    last = "dashboard not answering yet"
+    while time.monotonic() < deadline:
+        for node in state.nodes:
+            if not node_alive(node):
+                tail = _tail(Path(node.log))
+                raise ClusterError(f"node {node.name} (pid {node.pid}) exited while starting; "
+                                   f"last lines of {node.log}:\n{tail}")
+        try:
+            alive = [n for n in list_nodes(state.dashboard_url, token) if n["state"] == "ALIVE"]
+            if len(alive) >= want:
+                return
+            last = f"{len(alive)}/{want} nodes alive"
+        except urllib.error.HTTPError as exc:
+            if exc.code in (401, 403):
+                raise ClusterError(f"the dashboard refused our token (HTTP {exc.code}); check "
+                                   "RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH / ~/.ray/auth_token") from None
+            last = f"dashboard answered HTTP {exc.code}"
+        except (OSError, ValueError, KeyError) as exc:
+            last = f"dashboard not ready ({exc.__class__.__name__})"
+        time.sleep(1.0)
+    raise ClusterError(f"the cluster did not come up within {timeout_s:.0f} s ({last}); "
+                       f"node logs: {', '.join(n.log for n in state.nodes)}")
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def cluster_up(state_dir: Path, nodes: Sequence[NodeSpec], *, timeout_s: float = 120.0,
+               environ: Mapping[str, str] | None = None) -> ClusterState:
+    """Start the head, then the workers; return once every node is ALIVE in the GCS."""
+    env = dict(os.environ if environ is None else environ)
+    existing = ClusterState.load(state_dir)
+    if existing is not None and any(node_alive(n) for n in existing.nodes):
+        raise ClusterError(f"a cluster from {state_dir} is already running at "
+                           f"{existing.dashboard_url}; run `distilray cluster down` first or pass "
+                           "another --dir")
+    auth = resolve_auth(env, Path.home())
+    token = _ensure_token(auth, env)
+    env["RAY_AUTH_MODE"] = auth.mode
+    # The nodes' own drivers and `ray job submit` must never wander off to another local cluster.
+    env.pop("RAY_ADDRESS", None)
+    # Unix socket paths under the temp dir must stay below ~107 bytes: keep it short.
+    temp_dir = tempfile.mkdtemp(prefix="drc-", dir="/tmp" if os.path.isdir("/tmp") else None)
+    gcs_port, dash_port, client_port = _free_port(), _free_port(), _free_port()
+    state = ClusterState(gcs_address=f"127.0.0.1:{gcs_port}",
+                         dashboard_url=f"http://127.0.0.1:{dash_port}", temp_dir=temp_dir,
+                         auth_mode=auth.mode, token_path=auth.token_path, nodes=[])
+    logs = state_dir / "logs"
+    ray = _ray_bin()
+    try:
+        head = nodes[0]
+        cmd = ray_start_command(head, gcs_port=gcs_port, agent_port=_free_port(), temp_dir=temp_dir,
+                                head=True, dashboard_port=dash_port, client_port=client_port,
+                                ray_bin=ray)
+        proc = _spawn(cmd, logs / "head.log", env)
+        state.nodes.append(_record("head", proc, logs / "head.log", head))
+        state.save(state_dir)
+        _wait_for_nodes(state, token, 1, timeout_s)
+        for spec in nodes[1:]:
+            cmd = ray_start_command(spec, gcs_port=gcs_port, agent_port=_free_port(),
+                                    temp_dir=temp_dir, head=False, ray_bin=ray)
+            log = logs / f"{spec.name}.log"
+            state.nodes.append(_record(spec.name, _spawn(cmd, log, env), log, spec))
+            state.save(state_dir)
+        _wait_for_nodes(state, token, len(nodes), timeout_s)
+    except BaseException:
+        stop_nodes(state.nodes)
+        raise
+    return state
+
+
+def stop_nodes(nodes: Sequence[NodeProcess], timeout_s: float = 40.0) -> list[int]:
+    """SIGTERM each node's `ray start` (workers first), then SIGKILL what is left of its session.
+
+    Returns the pids that had to be killed. Only processes in sessions this module created are
+    touched: the session id is the recorded `ray start` pid, checked against its start time.
+    """
+    killed: list[int] = []
+    order = [n for n in nodes if n.name != "head"] + [n for n in nodes if n.name == "head"]
+    for node in order:
+        if not node_alive(node):
+            # The leader is gone (or its pid was recycled): only orphans of our session remain.
+            if _proc_stat(node.pid) is None:
+                killed += _kill_session(node.pid)
+            continue
+        # `ray start --block` drains the node and stops its processes on SIGTERM.
+        _signal(node.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and _session_members(node.pid):
+            time.sleep(0.25)
+        killed += _kill_session(node.pid)
+    return killed
+
+
+def _kill_session(sid: int, timeout_s: float = 10.0) -> list[int]:
+    """SIGKILL every live member of session `sid` until none is left (or timeout)."""
+    killed: list[int] = []
+    deadline = time.monotonic() + timeout_s
+    while (members := _session_members(sid)) and time.monotonic() < deadline:
+        for pid in members:
+            if pid not in killed:
+                _signal(pid, signal.SIGKILL)
+                killed.append(pid)
+        time.sleep(0.1)
+    return killed
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def cluster_down(state_dir: Path, *, purge: bool = False) -> ClusterState | None:
+    state = ClusterState.load(state_dir)
+    if state is None:
+        return None
+    stop_nodes(state.nodes)
+    if purge:
+        shutil.rmtree(state.temp_dir, ignore_errors=True)
+        shutil.rmtree(state_dir, ignore_errors=True)
+    else:
+        (state_dir / STATE_FILE).unlink(missing_ok=True)
+        (state_dir / ENV_FILE).unlink(missing_ok=True)
+    return state
+
+
+def cluster_status(state_dir: Path, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    env = os.environ if environ is None else environ
+    state = ClusterState.load(state_dir)
+    if state is None:
+        raise ClusterError(f"no cluster recorded in {state_dir}; start one with `distilray cluster up`")
+    token = None
+    if state.auth_mode == "token":
+        token = read_token(resolve_auth({**env, "RAY_AUTH_MODE": "token"}, Path.home()), env)
+    procs = {n.name: node_alive(n) for n in state.nodes}
+    try:
+        nodes = list_nodes(state.dashboard_url, token)
+    except (OSError, ValueError, KeyError) as exc:
+        nodes, error = [], f"{exc.__class__.__name__}: {exc}"
+    else:
+        error = None
+    return {"dashboard_url": state.dashboard_url, "gcs_address": state.gcs_address,
+            "auth_mode": state.auth_mode, "processes": procs, "nodes": nodes, "error": error}
+
+
+# --------------------------------------------------------------------------- job specs
+
+
+def load_job_spec(path: str | Path) -> dict[str, Any]:
+    """Read a job spec (YAML/JSON with the keys of Ray's job REST API) and check its shape."""
+    path = Path(path)
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read job spec {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{path}: a job spec is a mapping with keys {', '.join(JOB_SPEC_KEYS)}")
+    problems = [f"{path}: unknown key '{k}' (allowed: {', '.join(JOB_SPEC_KEYS)})"
+                for k in spec if k not in JOB_SPEC_KEYS]
+    if not isinstance(spec.get("entrypoint"), str) or not spec["entrypoint"].strip():
+        problems.append(f"{path}: 'entrypoint' must be a non-empty command string")
+    if "runtime_env" in spec and not isinstance(spec["runtime_env"], dict):
+        problems.append(f"{path}: 'runtime_env' must be a mapping")
+    if problems:
+        raise ConfigError(problems)
+    return spec
+
+
+def check_entrypoint(entrypoint: str, cwd: Path | None = None) -> argparse.Namespace:
+    """Parse a `distilray ...` (or `python -m distilray ...`) entrypoint and load its config.
+
+    Refuses before submission what could never run: an unknown subcommand or flag, a missing
+    config file, an invalid key or value.
+    """
+    from distilray.cli import build_parser
+    from distilray.config import load_config
+
+    argv = shlex.split(entrypoint)
+    if argv[:3] == ["python", "-m", "distilray"]:
+        argv = argv[3:]
+    elif argv[:1] == ["distilray"]:
+        argv = argv[1:]
+    else:
+        raise ConfigError(f"entrypoint {entrypoint!r} is not a distilray command; expected "
+                          "`distilray <stage> ...` or `python -m distilray <stage> ...`")
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            args = build_parser().parse_args(argv)
+    except SystemExit:
+        reason = err.getvalue().strip().splitlines()[-1:] or ["bad arguments"]
+        raise ConfigError(f"entrypoint {entrypoint!r} does not parse: {reason[0]}") from None
+    config = getattr(args, "config", None)
+    if config is not None:
+        base = cwd or Path.cwd()
+        path = Path(config) if Path(config).is_absolute() else base / config
+        load_config(path, getattr(args, "overrides", []))
+    return args
+
+
+def submit_job_spec(spec: Mapping[str, Any], address: str, token: str | None) -> str:
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(address, headers=auth_headers(token) or None)
+    return client.submit_job(**{k: v for k, v in spec.items() if v is not None})
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def cluster_main(args: argparse.Namespace) -> int:
+    state_dir = Path(args.dir).expanduser() if getattr(args, "dir", None) else default_state_dir()
+    if args.action == "up":
+        nodes = plan_nodes(args.workers, args.head_cpus, args.worker_cpus, args.worker_gpus,
+                           args.object_store_mb)
+        state = cluster_up(state_dir, nodes, timeout_s=args.timeout)
+        print(f"Ray cluster up: {len(state.nodes)} nodes, dashboard {state.dashboard_url}, "
+              f"GCS {state.gcs_address}, auth {state.auth_mode}")
+        for node in state.nodes:
+            print(f"  {node.name:<10} pid {node.pid:<7} CPU {_fmt_num(node.num_cpus)} "
+                  f"GPU {node.num_gpus} {json.dumps(node.resources, sort_keys=True)}")
+        print(f"Submit jobs with:\n  source {state_dir / ENV_FILE}\n"
+              "  ray job submit --working-dir . -- distilray train --config configs/tiny.yaml "
+              "--workers 2\nStop it with: distilray cluster down")
+        return 0
+    if args.action == "down":
+        state = cluster_down(state_dir, purge=args.purge)
+        print("no cluster recorded in " + str(state_dir) if state is None else
+              f"stopped {len(state.nodes)} nodes ({state.dashboard_url})")
+        return 0
+    if args.action == "status":
+        status = cluster_status(state_dir)
+        print(f"dashboard {status['dashboard_url']}  GCS {status['gcs_address']}  "
+              f"auth {status['auth_mode']}")
+        for name, alive in status["processes"].items():
+            print(f"  process {name}: {'running' if alive else 'gone'}")
+        for n in status["nodes"]:
+            custom = {k: v for k, v in n["resources_total"].items()
+                      if k.startswith(("distilray", "CPU", "GPU"))}
+            print(f"  node {n['node_id'][:12]} {n['state']:<5} head={n['is_head_node']} "
+                  f"{json.dumps(custom, sort_keys=True)}")
+        if status["error"]:
+            print(f"  cluster not answering: {status['error']}")
+            return 1
+        return 0 if all(status["processes"].values()) else 1
+    if args.action == "submit":
+        if not args.spec:
+            raise ConfigError("`distilray cluster submit` needs a job spec file, e.g. "
+                              "cluster/jobs/train-tiny.yaml")
+        spec = load_job_spec(args.spec)
+        check_entrypoint(spec["entrypoint"])
+        state = ClusterState.load(state_dir)
+        address = os.environ.get("RAY_ADDRESS") or (state.dashboard_url if state else None)
+        if not address:
+            raise ClusterError("no cluster to submit to: set RAY_ADDRESS=http://<head>:8265 or run "
+                               "`distilray cluster up`")
+        env = dict(os.environ)
+        auth = resolve_auth(env, Path.home())
+        if state is not None and state.token_path and "RAY_AUTH_TOKEN_PATH" not in env:
+            auth = AuthSettings("token", state.token_path)
+        submission_id = submit_job_spec(spec, address, read_token(auth, env))
+        print(f"submitted {submission_id} to {address}; follow it with:\n"
+              f"  ray job logs --address {address} --follow {submission_id}")
+        return 0
+    raise AssertionError(args.action)

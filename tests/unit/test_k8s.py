@@ -1,0 +1,497 @@
+"""The KubeRay manifests: what `kubectl kustomize k8s/overlays/<cpu|gpu>` renders is valid,
+strict, secure, and runs the CLI this checkout installs.
+
+- KubeRay kinds are checked against the CRD openAPIV3 schemas in ../shared/data/kuberay-crds
+  (jsonschema for types/enums/required, plus a strict walk that rejects any field the schema
+  does not declare, honouring x-kubernetes-preserve-unknown-fields and additionalProperties —
+  what `kubectl apply --validate=strict` does; CEL rules are not evaluated).
+- Core kinds, and every pod template embedded in a KubeRay resource, are checked with
+  `kubernetes-validate` in strict mode.
+- serveConfigV2 is compared with what the real `distilray serve --emit-config` writes for the
+  commands in k8s/emit-serve-config.sh; RayJob entrypoints run through the real CLI
+  (`distilray train ... --dry-run`; `distilray tune` is parsed and its config validated).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import importlib
+import importlib.metadata
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from tests.conftest import REPO, shared_path
+
+OVERLAYS = ("cpu", "gpu")
+CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
+             "RayService": "ray.io_rayservices.yaml", "RayCronJob": "ray.io_raycronjobs.yaml"}
+K8S_VERSIONS = ("1.30.0", "1.37.0")  # oldest Kubernetes we claim, newest the validator knows
+# The serve config each overlay must carry, by the --emit-config path in emit-serve-config.sh.
+SERVE_CONFIG_SOURCE = {"cpu": "k8s/base/serve-config.yaml",
+                       "gpu": "k8s/components/gpu/serve-config.yaml"}
+# Mount points in the pods → stand-ins on this machine for running the entrypoints here.
+IMAGE_WORKDIR = "/app"
+STORAGE_MOUNT = "/mnt/distilray"
+OBJECT_META_KEYS = {"name", "namespace", "labels", "annotations"}
+RUNTIME_ENV_KEYS = {"working_dir", "py_modules", "pip", "uv", "conda", "env_vars", "excludes",
+                    "container", "image_uri", "config", "py_executable", "java_jars", "nsight"}
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+@functools.cache
+def render(overlay: str) -> tuple[dict[str, Any], ...]:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl (with built-in kustomize) is not installed")
+    out = subprocess.run([kubectl, "kustomize", str(REPO / "k8s" / "overlays" / overlay)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    docs = tuple(d for d in yaml.safe_load_all(out.stdout) if d)
+    assert docs, f"overlay {overlay} rendered nothing"
+    return docs
+
+
+def of_kind(docs, kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def by_name(docs, kind: str, name: str) -> dict[str, Any]:
+    (doc,) = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    return doc
+
+
+# --------------------------------------------------------------------------- CRD schemas
+
+
+@functools.cache
+def crd_schema(kind: str, version: str) -> dict[str, Any]:
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs are ~1 MB each
+    crd = yaml.load(shared_path("kuberay-crds", CRD_FILES[kind]).read_text(), Loader=loader)
+    assert crd["spec"]["names"]["kind"] == kind
+    for v in crd["spec"]["versions"]:
+        if v["name"] == version:
+            assert v["served"], f"{kind} {version} is not served"
+            return v["schema"]["openAPIV3Schema"]
+    raise AssertionError(f"CRD {kind} has no version {version}")
+
+
+def _branches(schema: dict[str, Any]) -> list[dict[str, Any]]:
+    out = [schema]
+    for key in ("allOf", "anyOf", "oneOf"):
+        for sub in schema.get(key, []):
+            out.extend(_branches(sub))
+    return out
+
+
+def unknown_fields(value: Any, schema: dict[str, Any], path: str = "") -> list[str]:
+    """Every field of `value` that `schema` does not declare (the API server would drop it)."""
+    problems: list[str] = []
+    branches = _branches(schema)
+    preserve = any(b.get("x-kubernetes-preserve-unknown-fields") for b in branches)
+    if isinstance(value, dict):
+        props: dict[str, Any] = {}
+        additional: Any = None
+        for b in branches:
+            props.update(b.get("properties", {}))
+            if "additionalProperties" in b:
+                additional = b["additionalProperties"]
+        for key, sub in value.items():
+            where = f"{path}.{key}" if path else key
+            if key in props:
+                problems += unknown_fields(sub, props[key], where)
+            elif isinstance(additional, dict):
+                problems += unknown_fields(sub, additional, where)
+            elif additional is True or preserve:
+                continue
+            else:
+                problems.append(f"{where}: unknown field")
+    elif isinstance(value, list):
+        items = next((b["items"] for b in branches if isinstance(b.get("items"), dict)), None)
+        if items is not None:
+            for i, sub in enumerate(value):
+                problems += unknown_fields(sub, items, f"{path}[{i}]")
+    return problems
+
+
+def crd_problems(doc: dict[str, Any]) -> list[str]:
+    group, _, version = doc["apiVersion"].partition("/")
+    assert group == "ray.io", doc["apiVersion"]
+    schema = crd_schema(doc["kind"], version)
+    problems = [f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
+                for e in jsonschema.Draft7Validator(schema).iter_errors(doc)]
+    body = {k: v for k, v in doc.items() if k != "metadata"}
+    problems += unknown_fields(body, schema)
+    problems += [f"metadata.{k}: unknown field" for k in doc["metadata"]
+                 if k not in OBJECT_META_KEYS]
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", doc["metadata"]["name"]):
+        problems.append(f"metadata.name {doc['metadata']['name']!r} is not a DNS-1123 label")
+    return problems
+
+
+def core_problems(doc: dict[str, Any], version: str) -> list[str]:
+    import kubernetes_validate
+
+    try:
+        kubernetes_validate.validate(doc, version, strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        return [f"{'.'.join(map(str, exc.absolute_path)) or '<root>'}: {exc.message}"]
+    return []
+
+
+# --------------------------------------------------------------------------- pod templates
+
+
+def cluster_specs(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    spec = doc.get("spec", {})
+    return {"RayCluster": [spec], "RayJob": [spec.get("rayClusterSpec")],
+            "RayService": [spec.get("rayClusterConfig")]}.get(doc["kind"], [])
+
+
+def pod_templates(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    for cs in cluster_specs(doc):
+        assert cs, f"{doc['kind']} {doc['metadata']['name']} has no cluster spec"
+        out.append(("head", cs["headGroupSpec"]["template"]))
+        out += [(f"worker group {g['groupName']}", g["template"]) for g in cs["workerGroupSpecs"]]
+    if doc["kind"] == "RayJob" and "submitterPodTemplate" in doc["spec"]:
+        out.append(("job submitter", doc["spec"]["submitterPodTemplate"]))
+    return out
+
+
+def containers(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    out = [(f"{where}/{c['name']}", c) for where, tpl in pod_templates(doc)
+           for c in tpl["spec"].get("initContainers", []) + tpl["spec"]["containers"]]
+    for cs in cluster_specs(doc):
+        if cs.get("enableInTreeAutoscaling"):
+            out.append(("autoscaler", cs["autoscalerOptions"]))
+    return out
+
+
+# --------------------------------------------------------------------------- schema tests
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_renders_the_expected_resources(overlay):
+    kinds = sorted((d["kind"], d["metadata"]["name"]) for d in render(overlay))
+    assert kinds == sorted([
+        ("Namespace", "distilray"), ("PersistentVolumeClaim", "distilray-storage"),
+        ("NetworkPolicy", "distilray-ray-internal"), ("NetworkPolicy", "distilray-serve-clients"),
+        ("RayCluster", "distilray-dev"), ("RayJob", "distilray-train"), ("RayJob", "distilray-tune"),
+        ("RayService", "distilray-serve")])
+    # local-config sources (the cluster template, the serve-config ConfigMap) are not deployed
+    for doc in render(overlay):
+        assert "config.kubernetes.io/local-config" not in doc["metadata"].get("annotations", {})
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"]["namespace"] == "distilray"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_kuberay_resources_validate_against_the_crds_strictly(overlay):
+    docs = [d for d in render(overlay) if d["kind"] in CRD_FILES]
+    assert {d["kind"] for d in docs} == {"RayCluster", "RayJob", "RayService"}
+    problems = {f"{d['kind']}/{d['metadata']['name']}": crd_problems(d) for d in docs}
+    assert problems == {k: [] for k in problems}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_core_resources_and_embedded_pod_templates_validate_strictly(overlay, version):
+    problems: dict[str, list[str]] = {}
+    for doc in render(overlay):
+        name = f"{doc['kind']}/{doc['metadata']['name']}"
+        if doc["kind"] not in CRD_FILES:
+            problems[name] = core_problems(doc, version)
+            continue
+        for where, tpl in pod_templates(doc):
+            wrapped = {"apiVersion": "v1", "kind": "PodTemplate",
+                       "metadata": {"name": "check"}, "template": tpl}
+            problems[f"{name} {where}"] = core_problems(wrapped, version)
+    assert len(problems) >= 4 + 4 * 2
+    assert problems == {k: [] for k in problems}
+
+
+def test_strict_checks_reject_unknown_and_misspelt_fields():
+    """The validators above can fail: typos the API server would silently drop are caught."""
+    docs = render("gpu")
+    job = copy.deepcopy(by_name(docs, "RayJob", "distilray-train"))
+    job["spec"]["shutdownAfterJobFinish"] = True
+    worker = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][1]["template"]["spec"]
+    worker["containers"][0]["imagePullPolice"] = "Always"
+    job["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] = 0
+    problems = crd_problems(job)
+    assert "spec.shutdownAfterJobFinish: unknown field" in problems
+    assert ("spec.rayClusterSpec.workerGroupSpecs[1].template.spec.containers[0]."
+            "imagePullPolice: unknown field") in problems
+    assert any("rayStartParams.num-cpus" in p and "not of type 'string'" in p for p in problems)
+    # rayStartParams is a string map: any key is allowed, values are still checked
+    ok = copy.deepcopy(by_name(docs, "RayJob", "distilray-train"))
+    ok["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]["any-flag"] = "x"
+    assert crd_problems(ok) == []
+
+    policy = copy.deepcopy(by_name(docs, "NetworkPolicy", "distilray-serve-clients"))
+    policy["spec"]["ingress"][0]["port"] = 8000
+    assert core_problems(policy, K8S_VERSIONS[-1])
+
+
+# --------------------------------------------------------------------------- what the manifests say
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_container_is_non_root_read_only_and_bounded(overlay):
+    seen = 0
+    for doc in render(overlay):
+        for where, tpl in pod_templates(doc):
+            pod_sc = tpl["spec"].get("securityContext", {})
+            assert pod_sc.get("runAsNonRoot") is True, where
+            assert pod_sc.get("runAsUser", 0) != 0, where
+            assert tpl["metadata"]["labels"]["app.kubernetes.io/part-of"] == "distilray", where
+        for where, c in containers(doc):
+            seen += 1
+            label = f"{doc['kind']}/{doc['metadata']['name']} {where}"
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False, label
+            assert sc["readOnlyRootFilesystem"] is True, label
+            assert sc["capabilities"]["drop"] == ["ALL"], label
+            mounts = {m["mountPath"] for m in c.get("volumeMounts", [])}
+            assert "/tmp" in mounts, f"{label}: Ray needs a writable /tmp"
+            for kind in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(c["resources"][kind]), f"{label} {kind}"
+            if where.endswith(("ray-head", "ray-worker")):
+                assert {"/home/ray/.cache", STORAGE_MOUNT} <= mounts, label
+                # Ray sizes the node from the limits; memory requests == limits avoids OOM kills
+                assert c["resources"]["requests"]["memory"] == c["resources"]["limits"]["memory"]
+    assert seen >= 4 * 3
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_ray_clusters_use_token_auth_autoscaling_and_shared_storage(overlay):
+    for doc in of_kind(render(overlay), "RayCluster") + of_kind(render(overlay), "RayJob") + \
+            of_kind(render(overlay), "RayService"):
+        for cs in cluster_specs(doc):
+            assert cs["authOptions"] == {"mode": "token", "secretName": "distilray-ray-token"}
+            assert cs["enableInTreeAutoscaling"] is True
+            for group in cs["workerGroupSpecs"]:
+                assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+                assert group["maxReplicas"] >= 2
+            claims = {v["persistentVolumeClaim"]["claimName"]
+                      for _, tpl in pod_templates(doc) for v in tpl["spec"].get("volumes", [])
+                      if "persistentVolumeClaim" in v}
+            assert claims == {"distilray-storage"}
+    pvc = by_name(render(overlay), "PersistentVolumeClaim", "distilray-storage")
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_rayjobs_clean_up_after_themselves(overlay):
+    jobs = of_kind(render(overlay), "RayJob")
+    assert {j["metadata"]["name"] for j in jobs} == {"distilray-train", "distilray-tune"}
+    for job in jobs:
+        spec = job["spec"]
+        assert spec["shutdownAfterJobFinishes"] is True
+        assert spec["ttlSecondsAfterFinished"] > 0
+        assert spec["backoffLimit"] >= 0
+        assert spec["entrypoint"].startswith("distilray ")
+        runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
+        assert isinstance(runtime_env, dict) and set(runtime_env) <= RUNTIME_ENV_KEYS
+
+
+def test_gpu_overlay_adds_a_gpu_worker_group_and_gpu_entrypoints():
+    docs = render("gpu")
+    for doc in docs:
+        for cs in cluster_specs(doc):
+            groups = {g["groupName"]: g for g in cs["workerGroupSpecs"]}
+            assert set(groups) == {"cpu", "gpu"}
+            gpu = groups["gpu"]["template"]["spec"]
+            res = gpu["containers"][0]["resources"]
+            assert res["limits"]["nvidia.com/gpu"] == res["requests"]["nvidia.com/gpu"] == "1"
+            assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} \
+                in gpu["tolerations"]
+            assert gpu["nodeSelector"]
+            assert groups["gpu"]["minReplicas"] == 0  # GPU pods only while needed
+            assert "nvidia.com/gpu" not in str(groups["cpu"])
+    train = shlex.split(by_name(docs, "RayJob", "distilray-train")["spec"]["entrypoint"])
+    assert "--gpu" in train and "train.mixed_precision=bf16" in train
+    assert "train.use_gpu=true" in shlex.split(by_name(docs, "RayJob", "distilray-tune")["spec"]["entrypoint"])
+    for doc in render("cpu"):
+        assert "nvidia.com/gpu" not in str(doc) and "--gpu" not in str(doc)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_policies_open_only_serve_to_clients(overlay):
+    docs = render(overlay)
+    internal = by_name(docs, "NetworkPolicy", "distilray-ray-internal")["spec"]
+    same_app = {"podSelector": {"matchLabels": {"app.kubernetes.io/part-of": "distilray"}}}
+    assert internal["ingress"][0] == {"from": [same_app]}  # Ray nodes: every port, only each other
+    operator = internal["ingress"][1]
+    assert {p["port"] for p in operator["ports"]} == {8265, 52365}
+    assert operator["from"][0]["podSelector"]["matchLabels"] == \
+        {"app.kubernetes.io/name": "kuberay-operator"}
+    serve = by_name(docs, "NetworkPolicy", "distilray-serve-clients")["spec"]
+    assert serve["podSelector"]["matchLabels"]["ray.io/serve"] == "true"
+    assert serve["ingress"] == [{"ports": [{"protocol": "TCP", "port": 8000}]}]  # from anywhere
+    assert len(internal["ingress"]) == 2 and "egress" not in internal
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_rayservice_upgrades_without_downtime_and_autoscales(overlay):
+    svc = by_name(render(overlay), "RayService", "distilray-serve")["spec"]
+    assert svc["upgradeStrategy"]["type"] in ("NewCluster", "NewClusterWithIncrementalUpgrade")
+    config = yaml.safe_load(svc["serveConfigV2"])
+    (app,) = config["applications"]
+    # the model deployment autoscales (an ingress in front of it, if any, may be fixed-size)
+    (deployment,) = [d for d in app["deployments"] if "autoscaling_config" in d]
+    scaling = deployment["autoscaling_config"]
+    assert 1 <= scaling["min_replicas"] < scaling["max_replicas"]
+    assert deployment["max_ongoing_requests"] > scaling["target_ongoing_requests"]
+    assert config["http_options"]["host"] == "0.0.0.0" and config["http_options"]["port"] == 8000
+    head = svc["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert {"containerPort": 8000, "name": "serve"} in head["ports"]
+    assert app["args"]["checkpoint"].startswith(STORAGE_MOUNT + "/")
+    gpus = deployment["ray_actor_options"].get("num_gpus", 0)
+    assert (gpus >= 1) == (overlay == "gpu")
+
+
+# --------------------------------------------------------------------------- versions
+
+
+def test_ray_version_is_pinned_the_same_everywhere():
+    installed = importlib.metadata.version("ray")
+    dockerfile = (REPO / "Dockerfile").read_text()
+    base = re.search(r"^ARG RAY_IMAGE=rayproject/ray:([0-9.]+)-py311-cpu$", dockerfile, re.M)
+    assert base, "Dockerfile must default RAY_IMAGE to an official rayproject/ray py311 tag"
+    pins = set(re.findall(r"ray\[[a-z,]+\]==([0-9.]+)", dockerfile))
+    gpu_tags = set(re.findall(r"rayproject/ray:([0-9.]+)-py311-gpu", dockerfile))
+    rendered = {cs["rayVersion"] for o in OVERLAYS for d in render(o) for cs in cluster_specs(d)}
+    assert {base.group(1)} == pins == gpu_tags == rendered == {installed}
+    launcher = yaml.safe_load((REPO / "cluster" / "aws-gpu.yaml").read_text())
+    assert launcher["docker"]["image"].endswith("-gpu")
+
+
+# --------------------------------------------------------------------------- serveConfigV2
+
+
+def emit_commands() -> list[list[str]]:
+    """The `distilray serve ... --emit-config PATH` commands of k8s/emit-serve-config.sh."""
+    text = (REPO / "k8s" / "emit-serve-config.sh").read_text().replace("\\\n", " ")
+    cmds = [shlex.split(line) for line in text.splitlines() if line.startswith("distilray serve ")]
+    assert cmds, "k8s/emit-serve-config.sh has no `distilray serve` command"
+    return cmds
+
+
+def run_emit(cmd: list[str], out: Path) -> str:
+    argv = list(cmd)
+    i = argv.index("--emit-config")
+    argv[i + 1] = str(out)
+    proc = subprocess.run([sys.executable, "-m", "distilray", *argv[1:]], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return out.read_text()
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_serve_config_is_what_distilray_serve_emits(overlay, tmp_path):
+    (cmd,) = [c for c in emit_commands() if c[c.index("--emit-config") + 1] == SERVE_CONFIG_SOURCE[overlay]]
+    emitted = run_emit(cmd, tmp_path / "serve.yaml")
+    rendered = by_name(render(overlay), "RayService", "distilray-serve")["spec"]["serveConfigV2"]
+    assert yaml.safe_load(rendered) == yaml.safe_load(emitted)
+    assert rendered == emitted  # byte for byte: the committed file is fresh, not hand-edited
+    assert (REPO / SERVE_CONFIG_SOURCE[overlay]).read_text() == emitted
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_serve_import_path_imports_and_builds_the_app(overlay):
+    config = yaml.safe_load(by_name(render(overlay), "RayService", "distilray-serve")
+                            ["spec"]["serveConfigV2"])
+    (app,) = config["applications"]
+    module, _, attr = app["import_path"].partition(":")
+    assert module.startswith("distilray.")
+    builder = getattr(importlib.import_module(module), attr)
+    from ray.serve import Application
+
+    # The builder validates the args exactly as a replica would and binds the deployment.
+    assert isinstance(builder(app["args"]), Application)
+
+
+# --------------------------------------------------------------------------- RayJob entrypoints
+
+
+@pytest.fixture(scope="module")
+def pod_paths(tmp_path_factory) -> dict[str, str]:
+    """Local stand-ins for the image's /app and the claim at /mnt/distilray (data + results)."""
+    storage = tmp_path_factory.mktemp("mnt-distilray")
+    (storage / "data").mkdir()
+    (storage / "data" / "sst2").symlink_to(shared_path("sst2"), target_is_directory=True)
+    return {IMAGE_WORKDIR + "/": str(REPO) + "/", STORAGE_MOUNT: str(storage)}
+
+
+def localise(entrypoint: str, paths: dict[str, str]) -> list[str]:
+    argv = shlex.split(entrypoint)
+    out = []
+    for arg in argv:
+        for pod, local in paths.items():
+            arg = arg.replace(pod, local)
+        out.append(arg)
+    return out
+
+
+def all_entrypoints(stage: str) -> list[tuple[str, str]]:
+    return [(o, j["spec"]["entrypoint"]) for o in OVERLAYS for j in of_kind(render(o), "RayJob")
+            if shlex.split(j["spec"]["entrypoint"])[1] == stage]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_train_entrypoints_pass_the_cli_dry_run(overlay, pod_paths):
+    (entry,) = [e for o, e in all_entrypoints("train") if o == overlay]
+    argv = localise(entry, pod_paths)
+    assert argv[0] == "distilray" and "--dry-run" not in argv
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    proc = subprocess.run([sys.executable, "-m", "distilray", *argv[1:], "--dry-run"], cwd="/",
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "dry run OK" in proc.stdout
+    assert f"checkpoints under {pod_paths[STORAGE_MOUNT]}/results/sst2" in proc.stdout
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_tune_entrypoints_parse_and_their_config_validates(overlay, pod_paths):
+    from distilray.cli import build_parser
+    from distilray.cluster import check_entrypoint
+
+    (entry,) = [e for o, e in all_entrypoints("tune") if o == overlay]
+    argv = localise(entry, pod_paths)
+    args = check_entrypoint(shlex.join(argv))  # parses with the real parser, loads the config
+    assert args.command == "tune" and args.name == "sst2-search"
+    tune_parser = build_parser()._subparsers._group_actions[0].choices["tune"]  # type: ignore[union-attr]
+    if any("--dry-run" in a.option_strings for a in tune_parser._actions):
+        proc = subprocess.run([sys.executable, "-m", "distilray", *argv[1:], "--dry-run"], cwd="/",
+                              capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "RAY_ADDRESS": ""})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_entrypoint_check_refuses_what_cannot_run(pod_paths):
+    from distilray.cluster import check_entrypoint
+    from distilray.errors import ConfigError
+
+    (_, entry), = [(o, e) for o, e in all_entrypoints("tune") if o == "cpu"]
+    good = localise(entry, pod_paths)
+    with pytest.raises(ConfigError, match="unknown key 'tune.num_sample'"):
+        check_entrypoint(shlex.join(good).replace("tune.num_samples", "tune.num_sample"))
+    with pytest.raises(ConfigError, match="does not parse"):
+        check_entrypoint(shlex.join(good) + " --workers 2")  # tune has no --workers
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        check_entrypoint(shlex.join(good).replace("sst2.yaml", "nope.yaml"))
