@@ -39,6 +39,8 @@ class ModelConfig:
     """Number of classes of the sequence-classification head."""
     label_names: list[str] = _opt(["negative", "positive"])
     """id2label names written into every checkpoint; must have `num_labels` entries."""
+    dropout: float | None = _opt(None, ge=0.0, lt=1.0)
+    """Override every dropout probability of the model (None keeps the checkpoint's)."""
     cache_dir: str | None = None
     """Where converted offline models are cached (default: $DISTILRAY_CACHE or ~/.cache/distilray)."""
 
@@ -104,6 +106,8 @@ class TrainConfig:
     """Worker-group restarts from the latest checkpoint before the run fails (-1 = forever)."""
     storage_path: str = "~/distilray_results"
     """Local dir, NFS mount, or s3:// / gs:// URI; multi-node runs need shared storage."""
+    shared_storage: bool = False
+    """Declare a local-looking storage_path (an NFS mount) as shared by every node."""
     name: str | None = None
     """Run name; rerunning with the same name resumes from its latest checkpoint."""
 

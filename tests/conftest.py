@@ -33,3 +33,38 @@ def sst2_dir() -> Path:
 @pytest.fixture(scope="session")
 def imdb_dir() -> Path:
     return shared_path("imdb")
+
+
+@pytest.fixture(scope="session")
+def ray_4_cpus():
+    """A real local Ray (4 logical CPUs on this 2-core machine) shared by every Ray test."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=4, log_to_driver=True)  # dashboard on: Ray Train polls the State API
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def sst2_run(ray_4_cpus, sst2_dir, tmp_path_factory) -> dict:
+    """offline:minilm fine-tuned on 8k SST-2 sentences by 2 Ray Train workers (shared by tests).
+
+    This is the run behind the accuracy tests of train, serve and distill; it takes a few
+    minutes on 2 cores, so it is trained once per session.
+    """
+    from distilray.config import load_config
+    from distilray.train import run_training
+
+    storage = tmp_path_factory.mktemp("sst2-runs")
+    cfg = load_config(REPO / "configs" / "sst2.yaml", [
+        f"data.dataset={sst2_dir}", "train.num_workers=2", f"train.storage_path={storage}",
+        "train.name=sst2-minilm", "train.log_every_steps=50", "train.max_failures=0"])
+    return run_training(cfg)
+
+
+@pytest.fixture(scope="session")
+def sst2_checkpoint(sst2_run) -> str:
+    """Path of the best checkpoint of `sst2_run` (Hugging Face format)."""
+    return sst2_run["best_checkpoint"]

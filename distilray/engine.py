@@ -1,0 +1,166 @@
+"""Pure training pieces (no Ray): data schedule, optimizer, schedule, collate, eval counts.
+
+`train.py` wires these into Ray Train; tests exercise them directly on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from distilray.data import bucket_order, pad_batch
+from distilray.metrics import confusion_counts
+
+if TYPE_CHECKING:
+    import torch
+
+NO_DECAY_SUFFIXES = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """Step arithmetic every worker agrees on; computed once by the driver."""
+
+    rows_per_epoch: int
+    """Training rows used per epoch: a multiple of the global micro-batch (drop_last)."""
+    micro_batches_per_epoch: int
+    """Micro-batches each worker runs per epoch."""
+    steps_per_epoch: int
+    """Optimizer steps per epoch (micro-batches / grad_accum_steps)."""
+    total_steps: int
+    epochs: int
+
+    def to_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+def make_plan(num_rows: int, batch_size: int, world_size: int, grad_accum: int, epochs: int,
+              max_steps: int | None = None) -> TrainPlan:
+    global_step_rows = batch_size * world_size * grad_accum
+    steps_per_epoch = num_rows // global_step_rows
+    if steps_per_epoch == 0:
+        raise ValueError(f"{num_rows} training rows are fewer than one optimizer step needs "
+                         f"({batch_size} per worker × {world_size} workers × {grad_accum} accumulation)")
+    total = steps_per_epoch * epochs
+    if max_steps is not None:
+        total = min(total, max_steps)
+        epochs = math.ceil(total / steps_per_epoch)
+    return TrainPlan(rows_per_epoch=steps_per_epoch * global_step_rows,
+                     micro_batches_per_epoch=steps_per_epoch * grad_accum,
+                     steps_per_epoch=steps_per_epoch, total_steps=total, epochs=epochs)
+
+
+def arrange_for_workers(table: pa.Table, plan: TrainPlan, world_size: int, batch_size: int,
+                        seed: int, bucket_batches: int = 0) -> pa.Table:
+    """All epochs of training rows, laid out rank after rank, each rank's rows in step order.
+
+    Epoch e uses a permutation seeded by (seed, e); global micro-batch g is rows
+    [g·B·W, (g+1)·B·W) of it and rank r takes the r-th slice of B rows. Cutting the result
+    into W equal contiguous parts therefore gives each worker exactly its batches, in order,
+    so 2 workers × batch 8 see the same global batches as 1 worker × batch 16, and a
+    restarted worker can skip the batches it already trained on.
+    """
+    n = table.num_rows
+    global_batch = batch_size * world_size
+    lengths = pc.utf8_length(table.column("text")).to_numpy() if bucket_batches else None
+    per_rank: list[list[np.ndarray]] = [[] for _ in range(world_size)]
+    for epoch in range(plan.epochs):
+        order = np.random.default_rng([seed, epoch]).permutation(n)[: plan.rows_per_epoch]
+        if lengths is not None:
+            order = order[bucket_order(lengths[order], global_batch, bucket_batches, seed + epoch)]
+        batches = order.reshape(-1, world_size, batch_size)
+        for rank in range(world_size):
+            per_rank[rank].append(batches[:, rank, :].reshape(-1))
+    index = np.concatenate([np.concatenate(chunks) for chunks in per_rank])
+    return table.take(pa.array(index))
+
+
+def even_split_indices(num_rows: int, parts: int) -> list[int]:
+    """Cut points for `parts` contiguous pieces whose sizes differ by at most one."""
+    sizes = [num_rows // parts + (1 if i < num_rows % parts else 0) for i in range(parts)]
+    return list(np.cumsum(sizes)[:-1].tolist())
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on biases and LayerNorm weights."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if name.endswith(NO_DECAY_SUFFIXES) else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    import torch
+
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, total_steps: int,
+                    warmup_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
+    import torch
+
+    warmup = int(total_steps * warmup_ratio)
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return max(0.0, 1.0 - progress)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class PadCollate:
+    """Ray Data batch (ragged `input_ids`, `label`) → padded torch tensors."""
+
+    def __init__(self, pad_id: int, padding: str, max_length: int, multiple_of: int):
+        self.pad_id, self.padding, self.max_length, self.multiple_of = pad_id, padding, max_length, multiple_of
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        import torch
+
+        input_ids, mask = pad_batch(list(batch["input_ids"]), self.pad_id, self.padding,
+                                    self.max_length, self.multiple_of)
+        out = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask),
+               "labels": torch.tensor(np.asarray(batch["label"]), dtype=torch.long)}
+        if "teacher_logits" in batch:
+            out["teacher_logits"] = torch.as_tensor(np.stack(list(batch["teacher_logits"])).astype(np.float32))
+        return out
+
+
+def eval_counts(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]], num_labels: int,
+                device: torch.device) -> tuple[np.ndarray, float]:
+    """(confusion counts, summed loss) over batches; sums add up across workers."""
+    import torch
+    import torch.nn.functional as F
+
+    model.eval()
+    cm = np.zeros((num_labels, num_labels), dtype=np.int64)
+    loss_sum = 0.0
+    with torch.inference_mode():
+        for batch in batches:
+            labels = batch["labels"].to(device)
+            logits = model(input_ids=batch["input_ids"].to(device),
+                           attention_mask=batch["attention_mask"].to(device)).logits.float()
+            loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+            cm += confusion_counts(logits.argmax(-1).cpu().numpy(), labels.cpu().numpy(), num_labels)
+    model.train()
+    return cm, loss_sum
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """Dropout seed for one optimizer step, so a resumed run draws the same masks."""
+    return (seed * 1_000_003 + rank * 7_919 + step) % (2**63 - 1)
