@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 import pyarrow as pa
 
 from distilray.config import Config, config_from_dict, config_to_dict, dump_config
-from distilray.data import load_splits, tokenize_texts
+from distilray.data import Splits, load_splits, tokenize_texts
 from distilray.engine import (
     TrainPlan,
     arrange_for_workers,
@@ -467,8 +468,18 @@ def _summarise_failure(exc: BaseException) -> str:
     return (lines[-1] if lines else type(exc).__name__)[:500]
 
 
-def run_training(cfg: Config, dry_run: bool = False) -> dict[str, Any]:
-    """Validate, then fit on Ray; returns the result.json content."""
+@dataclass(frozen=True)
+class PreparedRun:
+    """Everything checked before the cluster is touched."""
+
+    cfg: Config
+    splits: Splits
+    plan: TrainPlan
+    storage: str
+
+
+def prepare_run(cfg: Config) -> PreparedRun:
+    """Name the run and validate model, data, storage and step arithmetic (no Ray yet)."""
     import dataclasses
 
     name = cfg.train.name or default_run_name()
@@ -495,22 +506,29 @@ def run_training(cfg: Config, dry_run: bool = False) -> dict[str, Any]:
     sample = tokenize_texts(tokenizer, splits.train.column("text").to_pylist()[:2], cfg.data.max_length)
     for ids in sample:
         log.info("sample tokens: %s", " ".join(tokenizer.convert_ids_to_tokens(ids[:24])))
+    return PreparedRun(cfg, splits, plan, storage)
+
+
+def run_training(cfg: Config, dry_run: bool = False, callbacks: list | None = None) -> dict[str, Any]:
+    """`distilray train`: validate, then fit on Ray; returns the result.json content."""
+    run = prepare_run(cfg)
     if dry_run:
-        print(f"dry run OK: run '{name}', {plan.total_steps} steps on {cfg.train.num_workers} "
-              f"worker(s); checkpoints under {storage}/{name}")
-        return {"dry_run": True, "plan": plan.to_dict()}
+        print(f"dry run OK: run '{run.cfg.train.name}', {run.plan.total_steps} steps on "
+              f"{run.cfg.train.num_workers} worker(s); checkpoints under {run.storage}/{run.cfg.train.name}")
+        return {"dry_run": True, "plan": run.plan.to_dict()}
+    connect_ray(run.cfg.train.num_workers * run.cfg.train.cpus_per_worker)
+    preflight(run.cfg, run.storage)
+    return fit(run, callbacks=callbacks)
 
-    connect_ray(cfg.train.num_workers * cfg.train.cpus_per_worker)
-    preflight(cfg, storage)
-    return fit(cfg, splits, plan, storage)
 
-
-def fit(cfg: Config, splits, plan: TrainPlan, storage: str,
-        extra_train_columns: pa.Table | None = None) -> dict[str, Any]:
+def fit(run: PreparedRun, extra_train_columns: pa.Table | None = None,
+        callbacks: list | None = None) -> dict[str, Any]:
+    """Run the TorchTrainer; extra columns (e.g. teacher logits) travel with the train rows."""
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    cfg, splits, plan, storage = run.cfg, run.splits, run.plan, run.storage
     tc = cfg.train
     run_dir = f"{storage}/{tc.name}"
     if not is_uri(run_dir):
@@ -536,7 +554,8 @@ def fit(cfg: Config, splits, plan: TrainPlan, storage: str,
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=tc.num_to_keep, checkpoint_score_attribute=tc.checkpoint_score_attribute,
                 checkpoint_score_order=tc.checkpoint_score_order),
-            failure_config=ray.train.FailureConfig(max_failures=tc.max_failures)),
+            failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
+            callbacks=callbacks),
         datasets=datasets,
         dataset_config=make_data_config(cfg.model.name, cfg.model.cache_dir, cfg.data.max_length),
     )
