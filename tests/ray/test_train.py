@@ -106,7 +106,7 @@ def test_killed_driver_rerun_with_same_name_resumes(ray_4_cpus, tmp_path):
     cfg_text = "\n".join([
         "model: {name: tiny, dropout: 0.0}",
         "data: {dataset: 'synthetic:sentiment', synthetic_size: 600, max_length: 64}",
-        f"train: {{lr: 1.0e-3, epochs: 3, batch_size: 16, storage_path: '{tmp_path}', name: resume,"
+        f"train: {{lr: 1.0e-3, epochs: 6, batch_size: 16, storage_path: '{tmp_path}', name: resume,"
         " log_every_steps: 1, max_failures: 0}"])
     (tmp_path / "run.yaml").write_text("# distilray train --config run.yaml\n" + cfg_text + "\n")
     env = {**os.environ, "RAY_ADDRESS": ray_4_cpus.get_runtime_context().gcs_address}
@@ -114,17 +114,19 @@ def test_killed_driver_rerun_with_same_name_resumes(ray_4_cpus, tmp_path):
     driver = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
     try:
-        while time.time() < deadline:
+        while time.time() < deadline:  # kill once Ray has registered the epoch-1 checkpoint
             evals = train_records(run_dir, "eval")
-            steps = [r["step"] for r in train_records(run_dir)]
-            if evals and steps and steps[-1] >= evals[0]["step"] + 2:
+            if evals and snapshot.exists() and f"checkpoint-step{evals[0]['step']:07d}" in snapshot.read_text():
                 break
             assert driver.poll() is None, "driver exited before it could be killed"
-            time.sleep(0.2)
+            time.sleep(0.1)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
+    steps_before_kill = [r["step"] for r in train_records(run_dir)]
+    assert steps_before_kill[-1] < 6 * (540 // 16), "the driver was killed before the run ended"
     first_epoch_end = train_records(run_dir, "eval")[0]["step"]
     time.sleep(3)  # let Ray notice the dead driver and tear its actors down
     rerun = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
@@ -135,7 +137,7 @@ def test_killed_driver_rerun_with_same_name_resumes(ray_4_cpus, tmp_path):
     after = records[records.index(restored[0]):]
     assert [r["step"] for r in after if r["event"] == "train"][0] == restored[0]["step"] + 1
     assert all(r["epoch"] > 1 for r in after if r["event"] == "eval"), "epoch 1 was not redone"
-    assert [r["step"] for r in after if r["event"] == "eval"][-1] == 3 * (540 // 16)
+    assert [r["step"] for r in after if r["event"] == "eval"][-1] == 6 * (540 // 16)
     assert "best checkpoint" in rerun.stdout
 
 
