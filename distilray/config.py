@@ -125,10 +125,20 @@ class TuneConfig:
     max_concurrent_trials: int = _opt(2, ge=1)
     metric: str = "eval_accuracy"
     mode: Literal["max", "min"] = "max"
-    grace_period: int = _opt(1, ge=1)
+    grace_period: float = _opt(1.0, gt=0.0)
+    """Epochs every trial trains before ASHA may stop it (fractions work with train.eval_every_steps)."""
     reduction_factor: float = _opt(2.0, gt=1.0)
+    """ASHA keeps the top 1/reduction_factor of trials at each rung (grace_period × rf^k epochs)."""
+    max_t: float | None = _opt(None, gt=0.0)
+    """ASHA's last rung in epochs (default: the most train.epochs any trial runs)."""
+    driver_cpus: float = _opt(0.25, ge=0.0)
+    """CPUs of each trial's Train driver (Tune's trial actor); its workers ask for train.cpus_per_worker."""
+    seed: int | None = None
+    """Seed of the random / Optuna sampler, for searches that draw the same configs every time."""
     name: str | None = None
+    """Experiment name; `distilray tune --resume NAME` continues it."""
     storage_path: str = "~/distilray_results"
+    """Where experiments live: a local directory or a mount every node shares."""
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,530 @@
-"""Placeholder until the tune stage lands."""
+"""`distilray report EXPERIMENT`: trials.csv, report.md and a self-contained report.html.
 
-from distilray._pending import not_implemented
+Reads only files (no Ray): the experiment's config.yaml, Tune's per-trial params.json and
+result.json, events.jsonl and best.json. Plots are SVG drawn here (no plotting dependency),
+embedded in the HTML as data: URIs and written to plots/ for the Markdown report, so the
+HTML opens offline with nothing to fetch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import html
+import io
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distilray.errors import ConfigError
+
+PALETTE = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7",
+           "#9c755f", "#bab0ac", "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#17becf"]
+STATUS_ORDER = {"done": 0, "stopped early": 1, "unfinished": 2, "error": 3}
 
 
-def report_main(*args: object) -> int:
-    raise not_implemented("tune", "report")
+@dataclass
+class TrialSummary:
+    """What the report shows of one trial."""
+
+    trial_id: str
+    params: dict[str, Any]
+    status: str
+    curve: list[tuple[float, float]] = field(default_factory=list)
+    """(epoch, metric) of every evaluation, in order."""
+    best_value: float | None = None
+    best_epoch: float | None = None
+    epochs_run: float = 0.0
+    time_s: float = 0.0
+    dir: str = ""
+
+    @property
+    def stopped_early(self) -> bool:
+        return self.status == "stopped early"
+
+
+@dataclass
+class ExperimentSummary:
+    name: str
+    dir: Path
+    metric: str
+    mode: str
+    scheduler: str
+    space: dict[str, Any]
+    max_epochs: float
+    trials: list[TrialSummary]
+    best: dict[str, Any] | None
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line torn by a killed driver
+    return rows
+
+
+def _trial_dirs(exp_dir: Path) -> list[Path]:
+    return sorted(p.parent for p in exp_dir.glob("*/params.json"))
+
+
+def _trial_id(trial_dir: Path, rows: list[dict[str, Any]]) -> str:
+    for row in rows:
+        if row.get("trial_id"):
+            return str(row["trial_id"])
+    parts = trial_dir.name.split("_")
+    for i in range(len(parts) - 1):  # run_trial_<5 hex>_<5 digits>_...
+        if len(parts[i]) == 5 and parts[i + 1].isdigit() and len(parts[i + 1]) == 5:
+            return f"{parts[i]}_{parts[i + 1]}"
+    return trial_dir.name
+
+
+def summarise_trial(trial_dir: Path, metric: str, mode: str,
+                    last_event: dict[str, Any] | None) -> TrialSummary:
+    """One trial from its params.json and result.json (which a resumed trial appends to)."""
+    params = json.loads((trial_dir / "params.json").read_text())
+    rows = [r for r in _read_jsonl(trial_dir / "result.json") if metric in r]
+    by_step: dict[Any, dict[str, Any]] = {}
+    time_s, segment, last_total = 0.0, 0.0, None
+    for row in rows:
+        by_step[row.get("step", len(by_step))] = row
+        t = float(row.get("time_total_s") or 0.0)
+        if last_total is not None and t < last_total:  # the trial restarted: a new timer
+            time_s += segment
+        segment = last_total = t
+    time_s += segment
+    ordered = sorted(by_step.values(), key=lambda r: (r.get("epoch", 0), r.get("step", 0)))
+    curve = [(float(r.get("epoch", i + 1)), float(r[metric])) for i, r in enumerate(ordered)]
+    summary = TrialSummary(_trial_id(trial_dir, rows), params, "unfinished", curve, time_s=time_s,
+                           dir=str(trial_dir))
+    if curve:
+        pick = (max if mode == "max" else min)(curve, key=lambda c: c[1])
+        summary.best_epoch, summary.best_value = pick
+        summary.epochs_run = curve[-1][0]
+    last = ordered[-1] if ordered else {}
+    if (trial_dir / "error.txt").exists():
+        summary.status = "error"
+    elif last.get("total_steps") is not None and last.get("step", -1) >= last["total_steps"]:
+        summary.status = "done"
+    elif last_event is not None and last_event.get("state", "").startswith("stopped early"):
+        summary.status = "stopped early"
+    return summary
+
+
+def load_experiment_summary(exp_dir: str | Path) -> ExperimentSummary:
+    from distilray.config import load_config
+    from distilray.tune import BEST_FILE, CONFIG_FILE, EVENTS_FILE, max_epochs
+
+    exp_dir = Path(exp_dir).expanduser().resolve()
+    if not (exp_dir / CONFIG_FILE).exists():
+        raise ConfigError(f"{exp_dir} is not a distilray tune experiment (no {CONFIG_FILE}); pass the "
+                          "directory `distilray tune` printed, e.g. ~/distilray_results/<name>")
+    cfg = load_config(exp_dir / CONFIG_FILE)
+    tc = cfg.tune
+    last_events: dict[str, dict[str, Any]] = {}
+    for event in _read_jsonl(exp_dir / EVENTS_FILE):
+        last_events[event.get("trial_id", "")] = event
+    trials = []
+    for trial_dir in _trial_dirs(exp_dir):
+        rows = _read_jsonl(trial_dir / "result.json")
+        tid = _trial_id(trial_dir, rows)
+        trials.append(summarise_trial(trial_dir, tc.metric, tc.mode, last_events.get(tid)))
+    best = json.loads((exp_dir / BEST_FILE).read_text()) if (exp_dir / BEST_FILE).exists() else None
+    return ExperimentSummary(name=exp_dir.name, dir=exp_dir, metric=tc.metric, mode=tc.mode,
+                             scheduler=tc.scheduler, space=dict(tc.space), max_epochs=max_epochs(cfg),
+                             trials=trials, best=best)
+
+
+def sorted_trials(exp: ExperimentSummary) -> list[TrialSummary]:
+    """Best first; trials without a result last."""
+    sign = -1.0 if exp.mode == "max" else 1.0
+    return sorted(exp.trials, key=lambda t: (t.best_value is None,
+                                             sign * t.best_value if t.best_value is not None else 0.0,
+                                             t.trial_id))
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def fmt_value(value: Any) -> str:
+    if isinstance(value, float):
+        if value == 0:
+            return "0"
+        return f"{value:.2e}" if abs(value) < 1e-3 or abs(value) >= 1e4 else f"{value:.4g}"
+    return str(value)
+
+
+def short_key(key: str) -> str:
+    return {"train.lr": "lr", "train.weight_decay": "wd"}.get(key, key.split(".")[-1])
+
+
+def table_rows(exp: ExperimentSummary) -> tuple[list[str], list[list[str]]]:
+    keys = list(exp.space)
+    header = ["trial", *[short_key(k) for k in keys], f"best {exp.metric}", "at epoch", "epochs run",
+              "stopped early", "status", "time (s)"]
+    rows = []
+    for t in sorted_trials(exp):
+        rows.append([t.trial_id, *[fmt_value(t.params.get(k, "")) for k in keys],
+                     f"{t.best_value:.4f}" if t.best_value is not None else "—",
+                     f"{t.best_epoch:.2f}" if t.best_epoch is not None else "—",
+                     f"{t.epochs_run:.2f}", "yes" if t.stopped_early else "no", t.status,
+                     f"{t.time_s:.0f}"])
+    return header, rows
+
+
+def write_csv(exp: ExperimentSummary, path: Path) -> None:
+    keys = list(exp.space)
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["trial_id", *keys, f"best_{exp.metric}", "best_epoch", "final_" + exp.metric,
+                     "epochs_run", "stopped_early", "status", "time_s"])
+    for t in sorted_trials(exp):
+        writer.writerow([t.trial_id, *[t.params.get(k, "") for k in keys],
+                         "" if t.best_value is None else t.best_value,
+                         "" if t.best_epoch is None else t.best_epoch,
+                         t.curve[-1][1] if t.curve else "", t.epochs_run,
+                         str(t.stopped_early).lower(), t.status, round(t.time_s, 1)])
+    _write_atomic(path, buf.getvalue())
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- SVG plots
+
+
+class Scale:
+    """Data → pixel mapping for one axis, linear or log10, with readable ticks."""
+
+    def __init__(self, values: list[float], lo_px: float, hi_px: float, log: bool = False,
+                 pad: float = 0.06, floor: float | None = None, ceil: float | None = None):
+        self.log = log
+        vals = [math.log10(v) for v in values if v > 0] if log else list(values)
+        lo, hi = (min(vals), max(vals)) if vals else (0.0, 1.0)
+        if hi - lo < 1e-12:
+            lo, hi = lo - (0.5 if log else max(abs(lo) * 0.1, 0.05)), hi + (0.5 if log else max(abs(hi) * 0.1, 0.05))
+        span = hi - lo
+        lo, hi = lo - pad * span, hi + pad * span
+        if floor is not None:
+            lo = max(lo, floor)
+        if ceil is not None:
+            hi = min(hi, ceil)
+        self.lo, self.hi, self.lo_px, self.hi_px = lo, hi, lo_px, hi_px
+
+    def __call__(self, value: float) -> float:
+        v = math.log10(value) if self.log else value
+        return self.lo_px + (v - self.lo) / (self.hi - self.lo) * (self.hi_px - self.lo_px)
+
+    def ticks(self) -> list[tuple[float, str]]:
+        if self.log:
+            out = []
+            for e in range(math.floor(self.lo), math.ceil(self.hi) + 1):
+                mults = (1, 2, 5) if self.hi - self.lo < 2.5 else (1,)
+                for m in mults:
+                    v = m * 10.0 ** e
+                    if self.lo <= math.log10(v) <= self.hi:
+                        out.append((v, f"{m}e{e}" if m != 1 else f"1e{e}"))
+            return out
+        raw = (self.hi - self.lo) / 5
+        mag = 10 ** math.floor(math.log10(raw)) if raw > 0 else 1
+        step = next(s * mag for s in (1, 2, 2.5, 5, 10) if s * mag >= raw)
+        start = math.ceil(self.lo / step) * step
+        out, v = [], start
+        while v <= self.hi + 1e-12:
+            out.append((v, f"{v:.10g}" if abs(v) >= 1e-4 or v == 0 else f"{v:.1e}"))
+            v += step
+        return out
+
+
+def _svg_open(width: int, height: int, title: str) -> list[str]:
+    return [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+            f'viewBox="0 0 {width} {height}" font-family="Helvetica, Arial, sans-serif" font-size="12">',
+            f'<rect width="{width}" height="{height}" fill="#ffffff"/>',
+            f'<text x="{width / 2}" y="20" text-anchor="middle" font-size="14" font-weight="bold">'
+            f'{html.escape(title)}</text>']
+
+
+def _axes(parts: list[str], x: Scale, y: Scale, box: tuple[float, float, float, float],
+          xlabel: str, ylabel: str) -> None:
+    left, top, right, bottom = box
+    parts.append(f'<rect x="{left}" y="{top}" width="{right - left}" height="{bottom - top}" '
+                 'fill="#fafafa" stroke="#888"/>')
+    for v, label in x.ticks():
+        px = x(v)
+        parts.append(f'<line x1="{px:.1f}" y1="{top}" x2="{px:.1f}" y2="{bottom}" stroke="#e3e3e3"/>')
+        parts.append(f'<text x="{px:.1f}" y="{bottom + 15}" text-anchor="middle">{label}</text>')
+    for v, label in y.ticks():
+        py = y(v)
+        parts.append(f'<line x1="{left}" y1="{py:.1f}" x2="{right}" y2="{py:.1f}" stroke="#e3e3e3"/>')
+        parts.append(f'<text x="{left - 6}" y="{py + 4:.1f}" text-anchor="end">{label}</text>')
+    parts.append(f'<text x="{(left + right) / 2}" y="{bottom + 34}" text-anchor="middle">'
+                 f'{html.escape(xlabel)}</text>')
+    parts.append(f'<text x="14" y="{(top + bottom) / 2}" text-anchor="middle" '
+                 f'transform="rotate(-90 14 {(top + bottom) / 2})">{html.escape(ylabel)}</text>')
+
+
+def _color_scale(value: float, lo: float, hi: float, higher_is_better: bool) -> str:
+    """Red (worst) → yellow → green (best)."""
+    t = 0.5 if hi - lo < 1e-12 else (value - lo) / (hi - lo)
+    t = t if higher_is_better else 1 - t
+    stops = [(0.0, (215, 48, 39)), (0.5, (254, 224, 139)), (1.0, (26, 152, 80))]
+    for (t0, c0), (t1, c1) in zip(stops, stops[1:], strict=False):
+        if t <= t1:
+            f = (t - t0) / (t1 - t0)
+            rgb = [round(a + (b - a) * f) for a, b in zip(c0, c1, strict=True)]
+            return "#" + "".join(f"{c:02x}" for c in rgb)
+    return "#1a9850"
+
+
+def _marker(t: TrialSummary, px: float, py: float, color: str, r: float = 5.0) -> str:
+    if t.status == "stopped early":
+        return (f'<path d="M{px - r:.1f},{py - r:.1f} L{px + r:.1f},{py + r:.1f} M{px - r:.1f},{py + r:.1f} '
+                f'L{px + r:.1f},{py - r:.1f}" stroke="{color}" stroke-width="2.5"/>')
+    if t.status == "error":
+        return f'<rect x="{px - r:.1f}" y="{py - r:.1f}" width="{2 * r}" height="{2 * r}" fill="{color}"/>'
+    return f'<circle cx="{px:.1f}" cy="{py:.1f}" r="{r}" fill="{color}" stroke="#333"/>'
+
+
+def _is_log_key(exp: ExperimentSummary, key: str) -> bool:
+    spec = exp.space.get(key, {})
+    if spec.get("type") == "loguniform":
+        return True
+    vals = [v for v in spec.get("values", []) if isinstance(v, (int, float))]
+    return bool(vals) and min(vals) > 0 and max(vals) / min(vals) >= 100
+
+
+def plot_space(exp: ExperimentSummary, xkey: str, ykey: str | None) -> str:
+    """Best metric of every trial over two searched keys (lr × wd), colour = metric."""
+    w, h = 560, 430
+    box = (70, 40, 440, 350)
+    trials = [t for t in exp.trials if t.best_value is not None and xkey in t.params]
+    parts = _svg_open(w, h, f"best {exp.metric} over {short_key(xkey)}"
+                      + (f" × {short_key(ykey)}" if ykey else ""))
+    xs = [float(t.params[xkey]) for t in trials]
+    ys = [float(t.params[ykey]) for t in trials] if ykey else [t.best_value for t in trials]
+    x = Scale(xs, box[0], box[2], log=_is_log_key(exp, xkey), pad=0.1)
+    y = Scale(ys, box[3], box[1], log=bool(ykey) and _is_log_key(exp, ykey), pad=0.12)
+    _axes(parts, x, y, box, short_key(xkey) + (" (log)" if x.log else ""),
+          short_key(ykey) if ykey else exp.metric)
+    values = [t.best_value for t in trials]
+    lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
+    best_id = (exp.best or {}).get("trial_id")
+    for t, xv, yv in zip(trials, xs, ys, strict=True):
+        px, py = x(xv), y(yv)
+        color = _color_scale(t.best_value, lo, hi, exp.mode == "max")
+        if t.trial_id == best_id:
+            parts.append(f'<circle cx="{px:.1f}" cy="{py:.1f}" r="11" fill="none" stroke="#000" '
+                         'stroke-width="2"/>')
+        parts.append(_marker(t, px, py, color, 7))
+        parts.append(f'<text x="{px + 10:.1f}" y="{py - 8:.1f}" font-size="10">{t.best_value:.3f}</text>')
+    # colour bar
+    for i in range(50):
+        v = lo + (hi - lo) * i / 49
+        parts.append(f'<rect x="470" y="{340 - i * 5.6:.1f}" width="16" height="6" '
+                     f'fill="{_color_scale(v, lo, hi, exp.mode == "max")}"/>')
+    parts.append(f'<text x="492" y="344">{lo:.3f}</text><text x="492" y="72">{hi:.3f}</text>')
+    parts.append(f'<text x="470" y="58" font-size="11">{html.escape(exp.metric)}</text>')
+    _legend_markers(parts, 455, 398)
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def _legend_markers(parts: list[str], x0: float, y0: float) -> None:
+    parts.append(f'<circle cx="{x0 - 380}" cy="{y0 + 10}" r="5" fill="#999" stroke="#333"/>'
+                 f'<text x="{x0 - 370}" y="{y0 + 14}" font-size="11">done</text>')
+    parts.append(f'<path d="M{x0 - 320},{y0 + 5} l10,10 m-10,0 l10,-10" stroke="#999" stroke-width="2.5"/>'
+                 f'<text x="{x0 - 305}" y="{y0 + 14}" font-size="11">stopped early</text>')
+    parts.append(f'<circle cx="{x0 - 215}" cy="{y0 + 10}" r="8" fill="none" stroke="#000" stroke-width="2"/>'
+                 f'<text x="{x0 - 202}" y="{y0 + 14}" font-size="11">best</text>')
+
+
+def plot_curves(exp: ExperimentSummary) -> str:
+    """Metric vs epoch for every trial; × marks where ASHA stopped a trial."""
+    w, h = 720, 440
+    box = (70, 40, 520, 370)
+    trials = [t for t in sorted_trials(exp) if t.curve]
+    parts = _svg_open(w, h, f"learning curves ({exp.metric} per evaluation)")
+    xs = [e for t in trials for e, _ in t.curve] + [0.0, exp.max_epochs]
+    ys = [v for t in trials for _, v in t.curve]
+    x = Scale(xs, box[0], box[2], pad=0.02, floor=0.0)
+    y = Scale(ys, box[3], box[1], pad=0.08)
+    _axes(parts, x, y, box, "epoch", exp.metric)
+    keys = list(exp.space)[:2]
+    for i, t in enumerate(trials):
+        color = PALETTE[i % len(PALETTE)]
+        pts = " ".join(f"{x(e):.1f},{y(v):.1f}" for e, v in t.curve)
+        parts.append(f'<polyline points="{pts}" fill="none" stroke="{color}" stroke-width="2"/>')
+        for e, v in t.curve[:-1]:
+            parts.append(f'<circle cx="{x(e):.1f}" cy="{y(v):.1f}" r="2.5" fill="{color}"/>')
+        e, v = t.curve[-1]
+        parts.append(_marker(t, x(e), y(v), color, 5))
+        ly = 52 + i * 18
+        if ly < h - 10:
+            label = f"{t.trial_id} " + " ".join(f"{short_key(k)}={fmt_value(t.params.get(k, ''))}" for k in keys)
+            parts.append(f'<line x1="532" y1="{ly - 4}" x2="550" y2="{ly - 4}" stroke="{color}" stroke-width="3"/>'
+                         f'<text x="555" y="{ly}" font-size="10">{html.escape(label)}</text>')
+    parts.append(f'<circle cx="80" cy="{h - 12}" r="4" fill="#999" stroke="#333"/>'
+                 f'<text x="88" y="{h - 8}" font-size="11">finished</text>'
+                 f'<path d="M150,{h - 16} l8,8 m-8,0 l8,-8" stroke="#999" stroke-width="2.5"/>'
+                 f'<text x="164" y="{h - 8}" font-size="11">stopped early by {exp.scheduler.upper()}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def plot_metric_vs(exp: ExperimentSummary, key: str) -> str:
+    """Best metric of each trial against one searched key (lr)."""
+    return plot_space(exp, key, None).replace(
+        f"best {exp.metric} over {short_key(key)}", f"best {exp.metric} vs {short_key(key)}", 1)
+
+
+def make_plots(exp: ExperimentSummary) -> dict[str, tuple[str, str]]:
+    """name → (caption, svg text)."""
+    keys = list(exp.space)
+    numeric = [k for k in keys if any(isinstance(t.params.get(k), (int, float))
+                                      and not isinstance(t.params.get(k), bool) for t in exp.trials)]
+    xkey = "train.lr" if "train.lr" in numeric else (numeric[0] if numeric else None)
+    ykey = "train.weight_decay" if "train.weight_decay" in numeric and xkey != "train.weight_decay" else \
+        next((k for k in numeric if k != xkey), None)
+    plots: dict[str, tuple[str, str]] = {}
+    if xkey and ykey:
+        plots["space"] = (f"Best {exp.metric} of each trial over {short_key(xkey)} × {short_key(ykey)} "
+                          "(green is better; the ringed point is the best trial).", plot_space(exp, xkey, ykey))
+    plots["curves"] = (f"{exp.metric} at every evaluation of every trial; × marks a trial stopped early.",
+                       plot_curves(exp))
+    if xkey:
+        plots["metric_vs_" + short_key(xkey)] = (f"Best {exp.metric} against {short_key(xkey)}.",
+                                                 plot_metric_vs(exp, xkey))
+    return plots
+
+
+# --------------------------------------------------------------------------- documents
+
+
+CSS = """
+body{font-family:Helvetica,Arial,sans-serif;margin:24px auto;max-width:1100px;color:#222;padding:0 16px}
+h1{font-size:22px;margin-bottom:4px} h2{font-size:17px;margin-top:28px;border-bottom:1px solid #ddd}
+.sub{color:#666;margin-top:0} table{border-collapse:collapse;font-size:13px;width:100%}
+th,td{border:1px solid #ccc;padding:4px 8px;text-align:right} th{background:#f0f0f0}
+td:first-child,th:first-child{text-align:left;font-family:monospace}
+tr.best td{background:#e6f4ea;font-weight:bold} tr.stopped td{color:#777}
+tr.error td{background:#fde8e8}
+.box{background:#f6f8fa;border:1px solid #ddd;padding:10px 14px;border-radius:4px}
+code,pre{font-family:Menlo,Consolas,monospace;font-size:13px} figure{margin:16px 0}
+figcaption{color:#555;font-size:13px} img.plot{max-width:100%;border:1px solid #eee}
+"""
+
+# Marks the page once every plot has decoded, so a headless browser test can tell.
+CHECK_SCRIPT = """
+window.addEventListener('load', function () {
+  var imgs = document.querySelectorAll('img.plot');
+  var ok = Array.prototype.filter.call(imgs, function (i) { return i.complete && i.naturalWidth > 0; });
+  document.body.setAttribute('data-plots-rendered', ok.length + '/' + imgs.length);
+});
+"""
+
+
+def _summary_lines(exp: ExperimentSummary) -> list[str]:
+    counts: dict[str, int] = {}
+    for t in exp.trials:
+        counts[t.status] = counts.get(t.status, 0) + 1
+    epochs = sum(t.epochs_run for t in exp.trials)
+    status = ", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=lambda kv: STATUS_ORDER.get(kv[0], 9)))
+    return [f"{len(exp.trials)} trials ({status or 'none yet'}); scheduler {exp.scheduler}, "
+            f"optimising {exp.metric} ({exp.mode}).",
+            f"Trial-epochs run: {epochs:.1f} of {len(exp.trials) * exp.max_epochs:g} "
+            f"({len(exp.trials)} trials × {exp.max_epochs:g} epochs) — "
+            f"{100 * epochs / max(1e-9, len(exp.trials) * exp.max_epochs):.0f}%."]
+
+
+def _best_lines(exp: ExperimentSummary) -> tuple[list[str], str | None]:
+    if not exp.best:
+        return ["No best checkpoint yet."], None
+    b = exp.best
+    metrics = b.get("metrics", {})
+    lines = [f"Trial {b['trial_id']}, {exp.metric} {metrics.get(exp.metric, float('nan')):.4f} "
+             f"at step {b.get('step')} (epoch {metrics.get('epoch', float('nan')):.2f})"]
+    lines += [f"{k} = {fmt_value(v)}" for k, v in b.get("params", {}).items()]
+    return lines, f"distilray serve --experiment {exp.dir}"
+
+
+def render_html(exp: ExperimentSummary, plots: dict[str, tuple[str, str]]) -> str:
+    header, rows = table_rows(exp)
+    best_id = (exp.best or {}).get("trial_id")
+    best_lines, serve_cmd = _best_lines(exp)
+    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+           f"<title>distilray tune report — {html.escape(exp.name)}</title>",
+           f"<style>{CSS}</style></head><body>",
+           f"<h1>Tune report: {html.escape(exp.name)}</h1>",
+           f'<p class="sub">{html.escape(str(exp.dir))}</p>']
+    out += [f"<p>{html.escape(line)}</p>" for line in _summary_lines(exp)]
+    out.append('<h2>Best configuration</h2><div class="box" id="best">')
+    out += [f"<div>{html.escape(line)}</div>" for line in best_lines]
+    if serve_cmd:
+        out.append(f"<p>Serve it:</p><pre>{html.escape(serve_cmd)}</pre>")
+    out.append("</div>")
+    out.append('<h2>Trials</h2><table id="trials"><thead><tr>'
+               + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr></thead><tbody>")
+    for row in rows:
+        cls = "best" if row[0] == best_id else {"stopped early": "stopped", "error": "error"}.get(row[-2], "")
+        out.append(f'<tr class="{cls}">' + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>")
+    out.append("</tbody></table>")
+    out.append("<h2>Plots</h2>")
+    for name, (caption, svg) in plots.items():
+        data = base64.b64encode(svg.encode()).decode()
+        out.append(f'<figure><img class="plot" id="plot-{name}" alt="{html.escape(caption)}" '
+                   f'src="data:image/svg+xml;base64,{data}"><figcaption>{html.escape(caption)}'
+                   "</figcaption></figure>")
+    out.append(f"<script>{CHECK_SCRIPT}</script></body></html>")
+    return "\n".join(out)
+
+
+def render_markdown(exp: ExperimentSummary, plots: dict[str, tuple[str, str]]) -> str:
+    header, rows = table_rows(exp)
+    best_lines, serve_cmd = _best_lines(exp)
+    out = [f"# Tune report: {exp.name}", "", f"`{exp.dir}`", ""]
+    out += [*_summary_lines(exp), "", "## Best configuration", ""]
+    out += [f"- {line}" for line in best_lines]
+    if serve_cmd:
+        out += ["", "Serve it:", "", "```bash", serve_cmd, "```"]
+    out += ["", "## Trials", "", "| " + " | ".join(header) + " |",
+            "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(row) + " |" for row in rows]
+    out += ["", "## Plots", ""]
+    for name, (caption, _) in plots.items():
+        out += [f"![{caption}](plots/{name}.svg)", "", f"*{caption}*", ""]
+    return "\n".join(out)
+
+
+def write_report(exp_dir: str | Path) -> dict[str, str]:
+    """Write trials.csv, report.md (+ plots/*.svg) and report.html; returns their paths."""
+    exp = load_experiment_summary(exp_dir)
+    plots = make_plots(exp)
+    plot_dir = exp.dir / "plots"
+    plot_dir.mkdir(exist_ok=True)
+    for name, (_, svg) in plots.items():
+        _write_atomic(plot_dir / f"{name}.svg", svg)
+    paths = {"csv": exp.dir / "trials.csv", "md": exp.dir / "report.md", "html": exp.dir / "report.html"}
+    write_csv(exp, paths["csv"])
+    _write_atomic(paths["md"], render_markdown(exp, plots))
+    _write_atomic(paths["html"], render_html(exp, plots))
+    return {k: str(v) for k, v in paths.items()}
+
+
+def report_main(args: argparse.Namespace) -> int:
+    paths = write_report(args.experiment)
+    print(f"report: {paths['html']}\n        {paths['md']}\n        {paths['csv']}")
+    return 0

@@ -43,6 +43,9 @@ TRAINING_STATE = "training_state.pt"
 CHECKPOINT_META = "distilray.json"
 RESULT_FILE = "result.json"
 METRICS_FILE = "metrics.jsonl"
+REPORTED_METRICS = ("eval_accuracy", "eval_macro_f1", "eval_loss", "eval_count", "step", "epoch", "lr",
+                    "train_loss")
+"""Keys of every `ray.train.report` of `train_loop_per_worker` (what Tune can rank and schedule on)."""
 
 
 # --------------------------------------------------------------------------- storage

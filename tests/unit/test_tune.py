@@ -1,0 +1,220 @@
+"""Tune logic without a cluster: presets, search-space checks, trial configs, best-checkpoint export."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from distilray.config import apply_overrides, load_config
+from distilray.errors import ConfigError
+from distilray.train import REPORTED_METRICS
+from distilray.tune import (
+    BEST_DIR,
+    BEST_FILE,
+    METRIC_MODES,
+    absolutize_paths,
+    build_param_space,
+    check_tune_config,
+    count_trials,
+    export_best,
+    max_epochs,
+    select_best,
+    trial_config,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+PRESETS = sorted((REPO / "tune").glob("*.yaml"))
+
+
+def with_space(space: dict, *extra: str):
+    cfg = load_config(None, ["model.name=tiny", *extra])
+    return apply_overrides(cfg, {"tune.space": space})
+
+
+def problems_of(cfg) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        check_tune_config(cfg)
+    return info.value.problems
+
+
+def test_there_are_presets():
+    assert len(PRESETS) >= 3
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.name)
+def test_every_preset_opens_with_its_command_loads_and_passes_checks(path):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# distilray tune --config tune/" + path.name), first
+    cfg = load_config(path)
+    check_tune_config(cfg)
+    assert count_trials(cfg) >= 1
+    assert {"train.lr", "train.weight_decay"} <= set(cfg.tune.space)
+
+
+def test_tuned_metrics_are_reported_by_training():
+    assert set(METRIC_MODES) <= set(REPORTED_METRICS)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"type": "loguniform", "low": 1e-4, "high": 1e-5}, r"inverted range low=0.0001 > high=1e-05; swap them"),
+    ({"type": "uniform", "low": 0.1, "high": 0.1}, r"empty range low = high = 0.1"),
+    ({"type": "choice", "values": []}, r"choice needs a non-empty list of values"),
+    ({"type": "grid", "values": []}, r"grid needs a non-empty list of values"),
+    ({"type": "normal", "mean": 1e-4}, r"unknown distribution type 'normal' \(choose one of: loguniform, "
+                                       r"uniform, choice, grid\)"),
+    ({"type": "loguniform", "low": 0.0, "high": 1e-4}, r"loguniform needs low > 0"),
+    ({"type": "loguniform", "low": 1e-5}, r"type loguniform needs high"),
+    ({"type": "uniform", "low": 1e-5, "high": 0.1, "step": 2}, r"unknown field\(s\) step"),
+    ({"type": "loguniform", "low": 1e-5, "high": 2.0}, r"train.lr=2.0 is out of range"),
+    ([1e-5, 1e-4], r"must be a mapping like"),
+])
+def test_bad_ranges_and_distributions_name_the_key_and_the_fix(spec, message):
+    problems = problems_of(with_space({"train.lr": spec}))
+    assert len(problems) == 1
+    assert problems[0].startswith("tune.space.train.lr")
+    assert __import__("re").search(message, problems[0]), problems[0]
+
+
+def test_all_space_problems_are_reported_at_once():
+    cfg = with_space({
+        "train.lrr": {"type": "loguniform", "low": 1e-5, "high": 1e-4},
+        "train.weight_decay": {"type": "uniform", "low": 0.1, "high": 0.0},
+        "train.name": {"type": "choice", "values": ["a", "b"]},
+        "serve.port": {"type": "choice", "values": [1, 2]},
+    }, "tune.metric=accuracy")
+    problems = problems_of(cfg)
+    assert any("unknown key 'train.lrr' (did you mean 'train.lr'?)" in p for p in problems), problems
+    assert any("inverted range" in p for p in problems)
+    assert any("train.name is set by each trial" in p for p in problems)
+    assert any("only keys of the sections model, data, train, distill" in p for p in problems)
+    assert any(p.startswith("tune.metric='accuracy' is not a metric training reports; choose one of "
+                            "eval_accuracy, eval_macro_f1, eval_loss") for p in problems)
+    assert len(problems) == 5
+
+
+def test_metric_mode_and_search_combinations_are_checked():
+    assert problems_of(with_space({"train.lr": {"type": "choice", "values": [1e-5]}},
+                                  "tune.metric=eval_loss", "tune.mode=max")) == [
+        "tune.mode='max' would select the worst trial by eval_loss; set tune.mode=min"]
+    (msg,) = problems_of(with_space({"train.lr": {"type": "loguniform", "low": 1e-5, "high": 1e-4}},
+                                    "tune.search_alg=grid"))
+    assert "tune.search_alg=grid cannot sample continuous ranges (train.lr)" in msg
+    (msg,) = problems_of(with_space({"train.lr": {"type": "grid", "values": [1e-5, 1e-4]}},
+                                    "tune.search_alg=optuna"))
+    assert "optuna does not take grid values (train.lr)" in msg
+    (msg,) = problems_of(with_space({"train.lr": {"type": "choice", "values": [1e-5]}},
+                                    "tune.grace_period=4", "train.epochs=2"))
+    assert "tune.grace_period=4 epochs exceeds the 2 epochs" in msg
+    (msg,) = problems_of(with_space({"train.lr": {"type": "choice", "values": [1e-5]}}, "tune.scheduler=pbt"))
+    assert "tune.scheduler=pbt is not supported" in msg
+    (msg,) = problems_of(with_space({"train.lr": {"type": "choice", "values": [1e-5]}},
+                                    "tune.storage_path=s3://bucket/exps"))
+    assert "experiments need a local directory or a shared mount" in msg
+
+
+def test_bad_space_fails_on_the_command_line_before_anything_is_written(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "distilray", "tune", "--set", "model.name=tiny", "--set",
+         "tune.space={train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-5}}",
+         "--storage-path", str(tmp_path), "--name", "bad"],
+        capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "distilray tune: error: tune.space.train.lr: inverted range low=0.001 > high=1e-05; swap them"]
+    assert not any(tmp_path.iterdir()), "nothing is created for a search that cannot start"
+
+
+def test_resume_of_an_unknown_experiment_says_where_it_looked(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "distilray", "tune", "--resume", "nope",
+                          "--storage-path", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert f"no experiment 'nope' under {tmp_path}" in out.stderr
+
+
+def test_param_space_and_trial_counts():
+    from ray.tune.search.sample import Categorical, Float, LogUniform
+
+    space = {"train.lr": {"type": "loguniform", "low": 1e-5, "high": 1e-4},
+             "train.weight_decay": {"type": "choice", "values": [0.0, 0.1]},
+             "train.warmup_ratio": {"type": "grid", "values": [0.0, 0.1, 0.2]}}
+    ps = build_param_space(space, "random")
+    assert isinstance(ps["train.lr"], Float) and isinstance(ps["train.lr"].get_sampler(), LogUniform)
+    assert (ps["train.lr"].lower, ps["train.lr"].upper) == (1e-5, 1e-4)
+    assert isinstance(ps["train.weight_decay"], Categorical)
+    assert ps["train.warmup_ratio"] == {"grid_search": [0.0, 0.1, 0.2]}
+    cfg = with_space(space, "tune.num_samples=4")
+    assert count_trials(cfg) == 12  # each grid point sampled 4 times
+    grid = {"train.lr": {"type": "grid", "values": [1e-5, 1e-4]},
+            "train.weight_decay": {"type": "choice", "values": [0.0, 0.01, 0.1]}}
+    assert build_param_space(grid, "grid")["train.weight_decay"] == {"grid_search": [0.0, 0.01, 0.1]}
+    assert count_trials(with_space(grid, "tune.search_alg=grid", "tune.num_samples=1")) == 6
+
+
+def test_max_epochs_follows_train_epochs_or_the_space():
+    assert max_epochs(with_space({}, "train.epochs=3")) == 3
+    assert max_epochs(with_space({"train.epochs": {"type": "choice", "values": [1, 4]}})) == 4
+    assert max_epochs(with_space({}, "tune.max_t=2.5")) == 2.5
+
+
+def test_trial_config_sets_name_storage_and_checkpoint_ranking(tmp_path):
+    base = with_space({}, "tune.metric=eval_loss", "tune.mode=min")
+    cfg = trial_config(base, {"train.lr": 3e-4, "train.weight_decay": 0.1}, str(tmp_path), "abc12_00003")
+    assert (cfg.train.lr, cfg.train.weight_decay) == (3e-4, 0.1)
+    assert cfg.train.name == "abc12_00003" and cfg.train.storage_path == f"{tmp_path}/runs"
+    assert (cfg.train.checkpoint_score_attribute, cfg.train.checkpoint_score_order) == ("eval_loss", "min")
+
+
+def test_relative_paths_become_absolute_for_trials_that_run_elsewhere(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    cfg = absolutize_paths(load_config(None, ["data.dataset=data", "model.name=tiny",
+                                              "tune.storage_path=exps"]))
+    assert cfg.data.dataset == str(tmp_path / "data")
+    assert cfg.model.name == "tiny" and cfg.tune.storage_path == str(tmp_path / "exps")
+    assert absolutize_paths(load_config(None, ["data.dataset=glue/sst2"])).data.dataset == "glue/sst2"
+
+
+def fake_checkpoint(exp: Path, trial: str, step: int, acc: float) -> Path:
+    ckpt = exp / "runs" / trial / f"checkpoint-step{step:07d}"
+    ckpt.mkdir(parents=True)
+    (ckpt / "config.json").write_text("{}")
+    (ckpt / "model.safetensors").write_text(f"weights {trial} {step}")
+    (ckpt / "training_state.pt").write_text("optimizer")
+    (ckpt / "distilray.json").write_text(json.dumps({"step": step, "metrics": {"eval_accuracy": acc,
+                                                                               "eval_loss": 1 - acc}}))
+    return ckpt
+
+
+def test_select_best_by_metric_and_mode():
+    ckpts = [{"trial_id": "a", "metrics": {"eval_accuracy": 0.7, "eval_loss": 0.5}},
+             {"trial_id": "b", "metrics": {"eval_accuracy": 0.8, "eval_loss": 0.6}},
+             {"trial_id": "c", "metrics": {"eval_accuracy": float("nan"), "eval_loss": 0.1}},
+             {"trial_id": "d", "metrics": {"eval_accuracy": 0.8, "eval_loss": 0.7}}]
+    assert select_best(ckpts, "eval_accuracy", "max")["trial_id"] == "b"  # tie: the first wins
+    assert select_best(ckpts, "eval_loss", "min")["trial_id"] == "c"
+    assert select_best([], "eval_accuracy", "max") is None
+
+
+def test_export_best_copies_the_best_checkpoint_without_optimizer_state(tmp_path):
+    fake_checkpoint(tmp_path, "t_00000", 10, 0.6)
+    best_ckpt = fake_checkpoint(tmp_path, "t_00001", 20, 0.9)
+    fake_checkpoint(tmp_path, "t_00001", 30, 0.85)
+    trial_dir = tmp_path / "run_trial_t_00001_1_lr=0.001"
+    trial_dir.mkdir()
+    (trial_dir / "params.json").write_text(json.dumps({"train.lr": 1e-3}))
+    (tmp_path / BEST_DIR).mkdir()
+    (tmp_path / BEST_DIR / "stale.txt").write_text("from an earlier export")
+    info = export_best(tmp_path, "eval_accuracy", "max")
+    assert info["trial_id"] == "t_00001" and info["step"] == 20 and info["params"] == {"train.lr": 1e-3}
+    best = tmp_path / BEST_DIR
+    assert sorted(p.name for p in best.iterdir()) == ["best.json", "config.json", "distilray.json",
+                                                      "model.safetensors"]
+    assert (best / "model.safetensors").read_text() == "weights t_00001 20"
+    assert json.loads((tmp_path / BEST_FILE).read_text()) == json.loads((best / BEST_FILE).read_text())
+    assert json.loads((tmp_path / BEST_FILE).read_text())["checkpoint"] == str(best_ckpt)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary leftovers"
+    assert export_best(tmp_path / "nothing", "eval_accuracy", "max") is None
