@@ -47,10 +47,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    from distilray.quickstart import run_quickstart
+    from distilray.quickstart import preset_path, run_quickstart
 
-    run_quickstart(_load(args) if (args.config or args.overrides) else None,
-                   keep_serving=args.keep_serving)
+    if args.config is None:
+        args.config = preset_path()
+    run_quickstart(_load(args), keep_serving=args.keep_serving)
     return 0
 
 

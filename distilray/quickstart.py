@@ -1,14 +1,22 @@
-"""`distilray quickstart`: the whole flow offline on the built-in demo corpus."""
+"""`distilray quickstart`: train → search → serve → classify, offline, on the demo corpus."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from importlib import resources
 
-from distilray.config import Config, load_config
+from distilray.config import Config, apply_overrides, load_config
 
 log = logging.getLogger(__name__)
+
+SENTENCES = [
+    "i loved the acting , and the soundtrack was wonderful .",
+    "the plot was dull and the ending utterly predictable .",
+    "the film was not boring at all .",
+    "everyone will find the story charming , but the pacing was painful .",
+]
 
 
 def preset_path() -> str:
@@ -19,20 +27,61 @@ def default_config(overrides: list[str] | None = None) -> Config:
     return load_config(preset_path(), overrides or [])
 
 
-def run_quickstart(cfg: Config | None = None, keep_serving: bool = False) -> None:
-    """Load data and model; later stages (train, tune, serve) are added as they land."""
-    from distilray.data import load_splits
-    from distilray.model import load_classifier, load_tokenizer, resolve_model
+def _banner(step: int, text: str, started: float) -> None:
+    log.info("── quickstart %d/4 (%.0fs): %s", step, time.time() - started, text)
 
-    if cfg is None or cfg == Config():
-        cfg = default_config()
-    t0 = time.time()
-    splits = load_splits(cfg.data, cfg.model.num_labels)
-    log.info("data: %s — %d train / %d validation rows", splits.source, splits.train.num_rows,
-             splits.eval.num_rows)
-    source = resolve_model(cfg.model.name, cfg.model.cache_dir)
-    tokenizer = load_tokenizer(source)
-    model = load_classifier(source, cfg.model.label_names, seed=cfg.train.seed)
-    n_params = sum(p.numel() for p in model.parameters())
-    log.info("model: %s (%s, %.1fM parameters, vocab %d) loaded in %.1fs", cfg.model.name,
-             source.path, n_params / 1e6, tokenizer.vocab_size, time.time() - t0)
+
+def run_quickstart(cfg: Config | None = None, keep_serving: bool = False) -> dict:
+    """Fine-tune with Ray Train, search lr with Ray Tune (ASHA), serve the best, classify."""
+    from distilray.client import classify
+    from distilray.serve import shutdown_server, start_server
+    from distilray.train import connect_ray, run_training
+    from distilray.tune import run_tune
+
+    cfg = cfg or default_config()
+    started = time.time()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, name=f"quickstart-{stamp}"))
+
+    # Logical CPUs beyond the cores let two trials overlap their start-up (Ray, model load).
+    connect_ray(min_cpus=2 * cfg.tune.max_concurrent_trials * cfg.train.cpus_per_worker)
+    _banner(1, f"fine-tune {cfg.model.name} on {cfg.data.dataset} with Ray Train", started)
+    trained = run_training(cfg)
+
+    _banner(2, "search the learning rate with Ray Tune (ASHA)", started)
+    search_cfg = apply_overrides(cfg, {
+        "tune.name": f"quickstart-search-{stamp}", "train.epochs": 2,
+        "data.synthetic_size": max(200, cfg.data.synthetic_size // 2)})
+    searched = run_tune(search_cfg)
+    best_dir = f"{searched['experiment']}/best"
+
+    _banner(3, f"serve {best_dir} with Ray Serve", started)
+    url = start_server(cfg, best_dir)
+    predictions: list = []
+    try:
+        _banner(4, f"classify over HTTP: POST {url}/v1/classify", started)
+        predictions = classify(url, SENTENCES)
+        print("\nquickstart results")
+        print(f"  train run      {trained['run_dir']}  eval_accuracy "
+              f"{trained['best_metrics']['eval_accuracy']:.3f}")
+        best = searched["best"]
+        print(f"  search         {searched['trials']} trials; best lr {best['params'].get('train.lr'):.0e} "
+              f"eval_accuracy {best['metrics']['eval_accuracy']:.3f}")
+        print(f"  report         {searched['report']}")
+        print(f"  served at      {url}  (checkpoint {best_dir})")
+        for text, p in zip(SENTENCES, predictions, strict=True):
+            print(f"  {p['label']:>8} {p['score']:.2f}  {text}")
+        print(f"  finished in {time.time() - started:.0f}s")
+        if keep_serving:
+            print(f"\nstill serving at {url} — try: curl -s {url}/v1/classify -H 'Content-Type: "
+                  "application/json' -d '{\"text\": \"a wonderful film\"}'   (Ctrl-C stops)")
+            while True:
+                time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        shutdown_server(cfg)
+        import ray
+
+        ray.shutdown()
+    return {"train": trained, "tune": searched, "url": url, "predictions": predictions}
