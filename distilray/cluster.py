@@ -42,6 +42,7 @@ import yaml
 from distilray.errors import ClusterError, ConfigError
 
 STATE_FILE = "cluster.json"
+STARTUP_ATTEMPTS = 3
 ENV_FILE = "env.sh"
 HEAD_RESOURCE = "distilray_head"
 WORKER_RESOURCE = "distilray_worker"
@@ -341,32 +342,52 @@ def cluster_up(state_dir: Path, nodes: Sequence[NodeSpec], *, timeout_s: float =
     auth = resolve_auth(env, Path.home())
     token = _ensure_token(auth, env)
     env["RAY_AUTH_MODE"] = auth.mode
+    # `down` SIGTERMs the nodes; Ray then drains each for up to 30 s by default.
+    env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "5")
     # The nodes' own drivers and `ray job submit` must never wander off to another local cluster.
     env.pop("RAY_ADDRESS", None)
     # Unix socket paths under the temp dir must stay below ~107 bytes: keep it short.
     temp_dir = tempfile.mkdtemp(prefix="drc-", dir="/tmp" if os.path.isdir("/tmp") else None)
-    gcs_port, dash_port, client_port = _free_port(), _free_port(), _free_port()
-    state = ClusterState(gcs_address=f"127.0.0.1:{gcs_port}",
-                         dashboard_url=f"http://127.0.0.1:{dash_port}", temp_dir=temp_dir,
+    state = ClusterState(gcs_address="", dashboard_url="", temp_dir=temp_dir,
                          auth_mode=auth.mode, token_path=auth.token_path, nodes=[])
     logs = state_dir / "logs"
     ray = _ray_bin()
-    try:
-        head = nodes[0]
-        cmd = ray_start_command(head, gcs_port=gcs_port, agent_port=_free_port(), temp_dir=temp_dir,
-                                head=True, dashboard_port=dash_port, client_port=client_port,
-                                ray_bin=ray)
-        proc = _spawn(cmd, logs / "head.log", env)
-        state.nodes.append(_record("head", proc, logs / "head.log", head))
-        state.save(state_dir)
-        _wait_for_nodes(state, token, 1, timeout_s)
-        for spec in nodes[1:]:
-            cmd = ray_start_command(spec, gcs_port=gcs_port, agent_port=_free_port(),
-                                    temp_dir=temp_dir, head=False, ray_bin=ray)
-            log = logs / f"{spec.name}.log"
-            state.nodes.append(_record(spec.name, _spawn(cmd, log, env), log, spec))
+
+    def start(spec: NodeSpec, head: bool) -> None:
+        """Start one node and wait until it is ALIVE; retry when Ray's startup timed out."""
+        log = logs / f"{spec.name}.log"
+        for attempt in range(1, STARTUP_ATTEMPTS + 1):
+            if head:  # fresh ports on every try: a crashed head may leave them in TIME_WAIT
+                gcs, dash = _free_port(), _free_port()
+                state.gcs_address = f"127.0.0.1:{gcs}"
+                state.dashboard_url = f"http://127.0.0.1:{dash}"
+                cmd = ray_start_command(spec, gcs_port=gcs, agent_port=_free_port(),
+                                        temp_dir=temp_dir, head=True, dashboard_port=dash,
+                                        client_port=_free_port(), ray_bin=ray)
+            else:
+                cmd = ray_start_command(spec, gcs_port=int(state.gcs_address.rsplit(":", 1)[1]),
+                                        agent_port=_free_port(), temp_dir=temp_dir, head=False,
+                                        ray_bin=ray)
+            node = _record(spec.name, _spawn(cmd, log, env), log, spec)
+            state.nodes.append(node)
             state.save(state_dir)
-        _wait_for_nodes(state, token, len(nodes), timeout_s)
+            try:
+                _wait_for_nodes(state, token, len(state.nodes), timeout_s)
+                return
+            except ClusterError as exc:
+                # An overloaded machine can miss Ray's fixed 30 s raylet registration window.
+                if attempt == STARTUP_ATTEMPTS or "timed out during startup" not in str(exc):
+                    raise
+                log_note = f"\n--- attempt {attempt} timed out; retrying ---\n"
+                with open(log, "a") as fh:
+                    fh.write(log_note)
+                stop_nodes([node])
+                state.nodes.remove(node)
+
+    try:
+        start(nodes[0], head=True)
+        for spec in nodes[1:]:
+            start(spec, head=False)
     except BaseException:
         stop_nodes(state.nodes)
         raise
@@ -380,19 +401,22 @@ def stop_nodes(nodes: Sequence[NodeProcess], timeout_s: float = 40.0) -> list[in
     touched: the session id is the recorded `ray start` pid, checked against its start time.
     """
     killed: list[int] = []
-    order = [n for n in nodes if n.name != "head"] + [n for n in nodes if n.name == "head"]
-    for node in order:
-        if not node_alive(node):
-            # The leader is gone (or its pid was recycled): only orphans of our session remain.
-            if _proc_stat(node.pid) is None:
+    workers = [n for n in nodes if n.name != "head"]
+    heads = [n for n in nodes if n.name == "head"]
+    for group in (workers, heads):  # workers first, together; the head (GCS) last
+        live = [n for n in group if node_alive(n)]
+        for node in group:
+            if node not in live and _proc_stat(node.pid) is None:
+                # The leader is gone: only orphans of our session can remain.
                 killed += _kill_session(node.pid)
-            continue
-        # `ray start --block` drains the node and stops its processes on SIGTERM.
-        _signal(node.pid, signal.SIGTERM)
+        for node in live:
+            # `ray start --block` drains the node and stops its processes on SIGTERM.
+            _signal(node.pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and _session_members(node.pid):
+        while time.monotonic() < deadline and any(_session_members(n.pid) for n in live):
             time.sleep(0.25)
-        killed += _kill_session(node.pid)
+        for node in live:
+            killed += _kill_session(node.pid)
     return killed
 
 

@@ -320,7 +320,9 @@ def test_gpu_overlay_adds_a_gpu_worker_group_and_gpu_entrypoints():
             assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} \
                 in gpu["tolerations"]
             assert gpu["nodeSelector"]
-            assert groups["gpu"]["minReplicas"] == 0  # GPU pods only while needed
+            # long-lived clusters hold GPU pods only while needed; job clusters start with theirs
+            want = 2 if doc["kind"] == "RayJob" else 0
+            assert groups["gpu"]["minReplicas"] == groups["gpu"]["replicas"] == want, doc["kind"]
             assert "nvidia.com/gpu" not in str(groups["cpu"])
     train = shlex.split(by_name(docs, "RayJob", "distilray-train")["spec"]["entrypoint"])
     assert "--gpu" in train and "train.mixed_precision=bf16" in train
@@ -467,14 +469,23 @@ def test_train_entrypoints_pass_the_cli_dry_run(overlay, pod_paths):
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_tune_entrypoints_parse_and_their_config_validates(overlay, pod_paths):
+def test_tune_entrypoints_parse_and_pass_the_tune_checks(overlay, pod_paths):
+    """`distilray tune` has no --dry-run: parse with the real parser, load the config, and run
+    the checks `distilray tune` makes before it starts Ray (space, search, scheduler)."""
     from distilray.cli import build_parser
     from distilray.cluster import check_entrypoint
+    from distilray.config import apply_overrides, load_config
+    from distilray.tune import check_tune_config
 
     (entry,) = [e for o, e in all_entrypoints("tune") if o == overlay]
     argv = localise(entry, pod_paths)
     args = check_entrypoint(shlex.join(argv))  # parses with the real parser, loads the config
     assert args.command == "tune" and args.name == "sst2-search"
+    cfg = apply_overrides(load_config(args.config, args.overrides),
+                          {"tune.name": args.name, "tune.storage_path": args.storage_path})
+    check_tune_config(cfg)
+    assert cfg.data.dataset == f"{pod_paths[STORAGE_MOUNT]}/data/sst2"
+    assert (Path(cfg.data.dataset) / "validation.parquet").exists()
     tune_parser = build_parser()._subparsers._group_actions[0].choices["tune"]  # type: ignore[union-attr]
     if any("--dry-run" in a.option_strings for a in tune_parser._actions):
         proc = subprocess.run([sys.executable, "-m", "distilray", *argv[1:], "--dry-run"], cwd="/",
@@ -489,9 +500,45 @@ def test_entrypoint_check_refuses_what_cannot_run(pod_paths):
 
     (_, entry), = [(o, e) for o, e in all_entrypoints("tune") if o == "cpu"]
     good = localise(entry, pod_paths)
-    with pytest.raises(ConfigError, match="unknown key 'tune.num_sample'"):
-        check_entrypoint(shlex.join(good).replace("tune.num_samples", "tune.num_sample"))
+    assert "tune.max_concurrent_trials=4" in good
+    with pytest.raises(ConfigError, match="unknown key 'tune.max_concurent_trials'"):
+        check_entrypoint(shlex.join(good).replace("concurrent", "concurent"))
     with pytest.raises(ConfigError, match="does not parse"):
         check_entrypoint(shlex.join(good) + " --workers 2")  # tune has no --workers
     with pytest.raises(ConfigError, match="cannot read config file"):
-        check_entrypoint(shlex.join(good).replace("sst2.yaml", "nope.yaml"))
+        check_entrypoint(shlex.join(good).replace("sst2-minilm.yaml", "nope.yaml"))
+
+
+def _cpu(quantity: str) -> float:
+    return float(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_job_clusters_start_with_what_the_train_preflight_demands(overlay, pod_paths):
+    """`distilray train` refuses a run the cluster cannot place when it starts (CPUs, GPUs):
+    each RayJob's cluster must already hold its workers, one per pod, with a CPU to spare
+    for the Ray Data tasks that feed them."""
+    from distilray.cluster import check_entrypoint
+    from distilray.config import load_config
+
+    for job in of_kind(render(overlay), "RayJob"):
+        args = check_entrypoint(shlex.join(localise(job["spec"]["entrypoint"], pod_paths)))
+        flags = []
+        if getattr(args, "workers", None):
+            flags.append(f"train.num_workers={args.workers}")
+        if getattr(args, "gpu", False):
+            flags.append("train.use_gpu=true")
+        tc = load_config(args.config, [*args.overrides, *flags]).train
+        cs = job["spec"]["rayClusterSpec"]
+        assert cs["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # nothing runs on the head
+        cpus = gpus = 0.0
+        for group in cs["workerGroupSpecs"]:
+            limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+            cpus += group["replicas"] * _cpu(limits["cpu"])
+            gpus += group["replicas"] * float(limits.get("nvidia.com/gpu", 0))
+            assert tc.cpus_per_worker <= _cpu(limits["cpu"]) - 1, group["groupName"]
+        name = job["metadata"]["name"]
+        assert tc.num_workers * tc.cpus_per_worker <= cpus, name
+        assert tc.use_gpu == (overlay == "gpu"), name
+        if tc.use_gpu:
+            assert tc.num_workers * tc.gpus_per_worker <= gpus, name
