@@ -224,6 +224,7 @@ class Scale:
         if ceil is not None:
             hi = min(hi, ceil)
         self.lo, self.hi, self.lo_px, self.hi_px = lo, hi, lo_px, hi_px
+        self.nonneg = not log and bool(vals) and min(vals) >= 0  # no negative ticks for lr, wd, accuracy
 
     def __call__(self, value: float) -> float:
         v = math.log10(value) if self.log else value
@@ -245,7 +246,9 @@ class Scale:
         start = math.ceil(self.lo / step) * step
         out, v = [], start
         while v <= self.hi + 1e-12:
-            out.append((v, f"{v:.10g}" if abs(v) >= 1e-4 or v == 0 else f"{v:.1e}"))
+            if not (self.nonneg and v < -1e-12):
+                v = 0.0 if abs(v) < 1e-12 else v
+                out.append((v, f"{v:.10g}" if abs(v) >= 1e-4 or v == 0 else f"{v:.1e}"))
             v += step
         return out
 
@@ -300,11 +303,12 @@ def _marker(t: TrialSummary, px: float, py: float, color: str, r: float = 5.0) -
 
 
 def _is_log_key(exp: ExperimentSummary, key: str) -> bool:
+    """Learning rates and anything sampled log-uniformly or spanning 10× and more go on a log axis."""
     spec = exp.space.get(key, {})
-    if spec.get("type") == "loguniform":
+    if spec.get("type") == "loguniform" or key.endswith(".lr"):
         return True
     vals = [v for v in spec.get("values", []) if isinstance(v, (int, float))]
-    return bool(vals) and min(vals) > 0 and max(vals) / min(vals) >= 100
+    return bool(vals) and min(vals) > 0 and max(vals) / min(vals) >= 10
 
 
 def plot_space(exp: ExperimentSummary, xkey: str, ykey: str | None) -> str:
@@ -380,7 +384,7 @@ def plot_curves(exp: ExperimentSummary) -> str:
     parts.append(f'<circle cx="80" cy="{h - 12}" r="4" fill="#999" stroke="#333"/>'
                  f'<text x="88" y="{h - 8}" font-size="11">finished</text>'
                  f'<path d="M150,{h - 16} l8,8 m-8,0 l8,-8" stroke="#999" stroke-width="2.5"/>'
-                 f'<text x="164" y="{h - 8}" font-size="11">stopped early by {exp.scheduler.upper()}</text>')
+                 f'<text x="164" y="{h - 8}" font-size="11">stopped early{" by " + exp.scheduler.upper() if exp.scheduler == "asha" else ""}</text>')
     parts.append("</svg>")
     return "\n".join(parts)
 

@@ -257,9 +257,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if not is_uri(run_dir):
         import socket
 
+        group = ray.util.get_current_placement_group()  # `distilray tune` frees it if the run is killed
         runlog.write({"event": "worker", "rank": rank, "pid": os.getpid(),
                       "node_ip": ray.util.get_node_ip_address(), "host": socket.gethostname(),
-                      "node_id": ray.get_runtime_context().get_node_id()})
+                      "node_id": ray.get_runtime_context().get_node_id(),
+                      "placement_group": group.id.hex() if group else None})
     torch.set_num_threads(tc.torch_threads or max(1, int(tc.cpus_per_worker)))
     device = ray.train.torch.get_device()
 

@@ -41,6 +41,10 @@ EVENTS_FILE = "events.jsonl"
 BEST_DIR = "best"
 BEST_FILE = "best.json"
 RUNS_DIR = "runs"
+DATA_CPUS = 1.0
+"""CPUs kept free for Ray Data's tokenising tasks (1 CPU each), which every trial's datasets need."""
+FREE_AFTER_S = 10.0
+"""Seconds between a trial being stopped and freeing what its killed Train run still holds."""
 TIME_ATTR = "epoch"
 """ASHA's clock: the epoch (fractional between epochs) each report is made at."""
 
@@ -272,8 +276,10 @@ def make_scheduler(cfg: Config):
 
     tc = cfg.tune
     if tc.scheduler == "asha":
+        # stop_last_trials=False: a trial reaching max_t ends by itself, so its Train run shuts
+        # down cleanly instead of being killed after its last report.
         return ASHAScheduler(time_attr=TIME_ATTR, max_t=max_epochs(cfg), grace_period=tc.grace_period,
-                             reduction_factor=tc.reduction_factor)
+                             reduction_factor=tc.reduction_factor, stop_last_trials=False)
     return FIFOScheduler()
 
 
@@ -315,6 +321,40 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], exp_dir: str) -> Non
     fit(run, callbacks=[TrialReportCallback()])
 
 
+def run_placement_groups(run_dir: Path) -> set[str]:
+    """Placement groups the workers of a Train run were placed in (from its metrics.jsonl)."""
+    from distilray.train import read_metrics
+
+    return {r["placement_group"] for r in read_metrics(run_dir)
+            if r.get("event") == "worker" and r.get("placement_group")}
+
+
+def free_placement_groups(ids: set[str]) -> int:
+    """Remove the worker placement groups of Train runs whose trial was stopped (its actor killed).
+
+    Ray Train's PlacementGroupCleaner does this too, but it finds the cluster through the State
+    API's address lookup, which fails on a host running several Ray clusters, and the group
+    would hold its CPUs until the driver exits: later trials would wait for them forever.
+    """
+    import ray
+    from ray.util.placement_group import (
+        PlacementGroup,
+        placement_group_table,
+        remove_placement_group,
+    )
+
+    freed = 0
+    for hex_id in sorted(ids):
+        group = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(hex_id)))
+        try:
+            if placement_group_table(group).get("state", "REMOVED") != "REMOVED":
+                remove_placement_group(group)
+                freed += 1
+        except Exception as exc:  # already gone, or the cluster is shutting down
+            log.debug("placement group %s: %s", hex_id, exc)
+    return freed
+
+
 def _progress_callback(exp_dir: Path, metric: str, mode: str, total: int, scheduler: str):
     """A Tune callback printing one line per trial state change, with the current best."""
     from ray.tune import Callback
@@ -322,6 +362,26 @@ def _progress_callback(exp_dir: Path, metric: str, mode: str, total: int, schedu
     class Progress(Callback):
         def __init__(self) -> None:
             self.states: dict[str, str] = {}
+            self.to_free: dict[str, float] = {}
+            """trial id → when to free the placement groups of its killed Train run."""
+
+        def _free_due(self, now: float) -> None:
+            for trial_id, due in list(self.to_free.items()):
+                if due <= now:
+                    del self.to_free[trial_id]
+                    freed = free_placement_groups(run_placement_groups(exp_dir / RUNS_DIR / trial_id))
+                    if freed:
+                        log.info("trial %s: freed %d placement group(s) of its stopped Train run",
+                                 trial_id, freed)
+
+        def on_step_begin(self, iteration, trials, **info):
+            if self.to_free:
+                self._free_due(time.time())
+
+        def on_experiment_end(self, trials, **info):
+            if self.to_free:  # the last stopped trials' actors may still be exiting
+                time.sleep(max(0.0, max(self.to_free.values()) - time.time()))
+                self._free_due(math.inf)
 
         def _best(self, trials) -> str:
             best, who = None, None
@@ -361,9 +421,12 @@ def _progress_callback(exp_dir: Path, metric: str, mode: str, total: int, schedu
                 self._emit(trials, trial, "done", tail)
             else:
                 self._emit(trials, trial, f"stopped early ({scheduler.upper()})", tail)
+                # by then the trial actor and the Train controller it owned have exited
+                self.to_free[trial.trial_id] = time.time() + FREE_AFTER_S
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self._emit(trials, trial, "error", f" (see {trial.path})")
+            self.to_free[trial.trial_id] = time.time() + FREE_AFTER_S
 
     return Progress()
 
@@ -374,8 +437,12 @@ def connect(cfg: Config) -> None:
     connect_ray(cfg.tune.driver_cpus + cfg.train.num_workers * cfg.train.cpus_per_worker)
 
 
-def preflight_cluster(cfg: Config) -> None:
-    """Refuse trials no node (or the whole cluster) can ever hold, before any trial starts."""
+def preflight_cluster(cfg: Config) -> Config:
+    """Refuse trials no node (or the whole cluster) can ever hold, before any trial starts.
+
+    Returns cfg with tune.max_concurrent_trials lowered to what the cluster holds at once,
+    keeping DATA_CPUS free: trials whose Ray Data tasks find no CPU would wait forever.
+    """
     import ray
 
     from distilray.train import preflight
@@ -396,21 +463,28 @@ def preflight_cluster(cfg: Config) -> None:
     if not any(n.get("CPU", 0.0) >= tn.driver_cpus for n in nodes):
         raise ClusterError(f"tune.driver_cpus={tn.driver_cpus:g} but no node has that many CPUs "
                            f"(largest: {biggest_cpu:g}); lower tune.driver_cpus")
-    total_cpu = ray.cluster_resources().get("CPU", 0.0)
+    total = ray.cluster_resources()
+    total_cpu, total_gpu = total.get("CPU", 0.0), total.get("GPU", 0.0)
     need = tn.driver_cpus + workers * cpus
-    if need > total_cpu:
+    if need + DATA_CPUS > total_cpu:
         raise ClusterError(
             f"one trial needs {need:g} CPUs (tune.driver_cpus={tn.driver_cpus:g} + {workers} workers × "
-            f"{cpus:g}) but the cluster has {total_cpu:g}; use fewer or smaller workers per trial")
+            f"{cpus:g}) + {DATA_CPUS:g} for Ray Data's tokenising tasks but the cluster has {total_cpu:g}; "
+            "use fewer or smaller workers per trial")
     worst = apply_overrides(cfg, {"train.num_workers": workers, "train.cpus_per_worker": cpus,
                                   "train.use_gpu": use_gpu,
                                   "train.gpus_per_worker": gpus or tc.gpus_per_worker})
     preflight(worst, cfg.tune.storage_path)
-    concurrent = min(tn.max_concurrent_trials, count_trials(cfg))
-    if concurrent * need > total_cpu:
-        log.warning("%d concurrent trials × %g CPUs exceed the cluster's %g CPUs: trials will queue; "
-                    "lower tune.max_concurrent_trials to %d to avoid idle trial drivers", concurrent, need,
-                    total_cpu, max(1, int(total_cpu // need)))
+    fits = int((total_cpu - DATA_CPUS) // need)
+    if gpus:
+        fits = min(fits, int(total_gpu // (workers * gpus)))
+    if tn.max_concurrent_trials > fits:
+        log.warning("tune.max_concurrent_trials=%d: the cluster (%g CPUs, %g GPUs) holds %d trials of %g CPUs%s "
+                    "at once with %g CPU left for Ray Data; running %d at a time", tn.max_concurrent_trials,
+                    total_cpu, total_gpu, fits, need, f" + {workers * gpus:g} GPUs" if gpus else "",
+                    DATA_CPUS, fits)
+        return apply_overrides(cfg, {"tune.max_concurrent_trials": fits})
+    return cfg
 
 
 # --------------------------------------------------------------------------- driver
@@ -481,7 +555,8 @@ def run_tune(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     exp = load_experiment(resume, cfg.tune.storage_path) if resume else new_experiment(cfg)
     cfg = exp.cfg
     connect(cfg)
-    preflight_cluster(cfg)
+    cfg = preflight_cluster(cfg)
+    exp = dataclasses.replace(exp, cfg=cfg)
     from ray import tune
 
     if resume and not tune.Tuner.can_restore(str(exp.dir)):

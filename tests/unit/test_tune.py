@@ -42,7 +42,10 @@ def problems_of(cfg) -> list[str]:
 
 
 def test_there_are_presets():
-    assert len(PRESETS) >= 3
+    names = {p.name for p in PRESETS}
+    assert {"tiny-grid.yaml", "sst2-minilm.yaml", "sst2-optuna.yaml", "imdb-distilbert.yaml"} <= names
+    for name in ("tiny-grid.yaml", "sst2-minilm.yaml", "imdb-distilbert.yaml"):
+        assert {"train.lr", "train.weight_decay"} <= set(load_config(REPO / "tune" / name).tune.space)
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.name)
@@ -51,8 +54,7 @@ def test_every_preset_opens_with_its_command_loads_and_passes_checks(path):
     assert first.startswith("# distilray tune --config tune/" + path.name), first
     cfg = load_config(path)
     check_tune_config(cfg)
-    assert count_trials(cfg) >= 1
-    assert {"train.lr", "train.weight_decay"} <= set(cfg.tune.space)
+    assert count_trials(cfg) >= 1 and cfg.tune.space
 
 
 def test_tuned_metrics_are_reported_by_training():
@@ -218,3 +220,19 @@ def test_export_best_copies_the_best_checkpoint_without_optimizer_state(tmp_path
     assert json.loads((tmp_path / BEST_FILE).read_text())["checkpoint"] == str(best_ckpt)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary leftovers"
     assert export_best(tmp_path / "nothing", "eval_accuracy", "max") is None
+
+
+def test_optuna_is_an_extra_with_a_clear_message(monkeypatch):
+    from distilray.tune import make_search_alg
+
+    cfg = with_space({"train.lr": {"type": "loguniform", "low": 1e-5, "high": 1e-4}}, "tune.search_alg=optuna")
+    check_tune_config(cfg)
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "optuna", None)  # as if the extra were not installed
+        with pytest.raises(ConfigError, match=r"tune.search_alg=optuna needs Optuna: pip install "
+                                              r"'distilray\[optuna\]'"):
+            make_search_alg(cfg)
+    pytest.importorskip("optuna")
+    from ray.tune.search.optuna import OptunaSearch
+
+    assert isinstance(make_search_alg(cfg), OptunaSearch)
