@@ -159,8 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", help="where the cluster's state and logs live "
                                  "(default: $DISTILRAY_CLUSTER_DIR or ~/.distilray/cluster)")
     p.add_argument("--workers", type=int, default=1, help="up: worker nodes besides the head")
-    p.add_argument("--head-cpus", type=float, default=2, help="up: logical CPUs of the head")
-    p.add_argument("--worker-cpus", type=float, default=2, help="up: logical CPUs per worker node")
+    p.add_argument("--head-cpus", type=float, default=3, help="up: logical CPUs of the head")
+    p.add_argument("--worker-cpus", type=float, default=3, help="up: logical CPUs per worker node")
     p.add_argument("--worker-gpus", type=int, default=0, help="up: GPUs per worker node")
     p.add_argument("--object-store-mb", type=int, help="up: object store per node (default: Ray's)")
     p.add_argument("--timeout", type=float, default=120, help="up: seconds to wait for all nodes")

@@ -344,8 +344,8 @@ def cluster_up(state_dir: Path, nodes: Sequence[NodeSpec], *, timeout_s: float =
     env["RAY_AUTH_MODE"] = auth.mode
     # `down` SIGTERMs the nodes; Ray then drains each for up to 30 s by default.
     env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "5")
-    # The nodes' own drivers and `ray job submit` must never wander off to another local cluster.
-    env.pop("RAY_ADDRESS", None)
+    for var in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+        env.pop(var, None)
     # Unix socket paths under the temp dir must stay below ~107 bytes: keep it short.
     temp_dir = tempfile.mkdtemp(prefix="drc-", dir="/tmp" if os.path.isdir("/tmp") else None)
     state = ClusterState(gcs_address="", dashboard_url="", temp_dir=temp_dir,
@@ -368,7 +368,12 @@ def cluster_up(state_dir: Path, nodes: Sequence[NodeSpec], *, timeout_s: float =
                 cmd = ray_start_command(spec, gcs_port=int(state.gcs_address.rsplit(":", 1)[1]),
                                         agent_port=_free_port(), temp_dir=temp_dir, head=False,
                                         ray_bin=ray)
-            node = _record(spec.name, _spawn(cmd, log, env), log, spec)
+            # Processes on the nodes (e.g. Ray Train's placement-group cleaner, which queries
+            # the State API) resolve "the cluster" from RAY_ADDRESS, else by scanning the
+            # machine for GCS processes — which fails or picks another cluster when several
+            # Ray instances run here. Point them at ours.
+            node_env = {**env, "RAY_ADDRESS": state.gcs_address}
+            node = _record(spec.name, _spawn(cmd, log, node_env), log, spec)
             state.nodes.append(node)
             state.save(state_dir)
             try:
@@ -591,7 +596,8 @@ def cluster_main(args: argparse.Namespace) -> int:
         if state is not None and state.token_path and "RAY_AUTH_TOKEN_PATH" not in env:
             auth = AuthSettings("token", state.token_path)
         submission_id = submit_job_spec(spec, address, read_token(auth, env))
+        prefix = "RAY_AUTH_MODE=token " if auth.mode == "token" else ""
         print(f"submitted {submission_id} to {address}; follow it with:\n"
-              f"  ray job logs --address {address} --follow {submission_id}")
+              f"  {prefix}ray job logs --address {address} --follow {submission_id}")
         return 0
     raise AssertionError(args.action)
