@@ -43,6 +43,8 @@ TRAINING_STATE = "training_state.pt"
 CHECKPOINT_META = "distilray.json"
 RESULT_FILE = "result.json"
 METRICS_FILE = "metrics.jsonl"
+DATA_CPUS = 1
+"""CPUs left free for Ray Data's tokenising tasks; without one the trainer waits forever."""
 REPORTED_METRICS = ("eval_accuracy", "eval_macro_f1", "eval_loss", "eval_count", "step", "epoch", "lr",
                     "train_loss")
 """Keys of every `ray.train.report` of `train_loop_per_worker` (what Tune can rank and schedule on)."""
@@ -444,11 +446,11 @@ def preflight(cfg: Config, storage: str) -> None:
     tc = cfg.train
     total = ray.cluster_resources()
     need_cpu = tc.num_workers * tc.cpus_per_worker
-    if need_cpu > total.get("CPU", 0):
+    if need_cpu + DATA_CPUS > total.get("CPU", 0):
         raise ClusterError(
             f"train.num_workers={tc.num_workers} × train.cpus_per_worker={tc.cpus_per_worker} needs "
-            f"{need_cpu:g} CPUs but the cluster has {total.get('CPU', 0):g}; use fewer workers or a "
-            "bigger cluster")
+            f"{need_cpu:g} CPUs (+{DATA_CPUS} for Ray Data tokenisation) but the cluster has "
+            f"{total.get('CPU', 0):g}; use fewer workers or a bigger cluster")
     if tc.use_gpu:
         need_gpu = tc.num_workers * tc.gpus_per_worker
         if total.get("GPU", 0) < need_gpu:

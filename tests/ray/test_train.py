@@ -142,9 +142,9 @@ def test_killed_driver_rerun_with_same_name_resumes(ray_4_cpus, tmp_path):
 
 
 def test_impossible_jobs_fail_fast_with_one_clear_message(ray_4_cpus, tmp_path):
-    with pytest.raises(ClusterError, match=r"train.num_workers=8 × train.cpus_per_worker=1.0 needs 8 CPUs "
-                                           r"but the cluster has 4"):
-        run_training(tiny_cfg(tmp_path, "big", "train.num_workers=8"))
+    with pytest.raises(ClusterError, match=r"train.num_workers=4 × train.cpus_per_worker=1.0 needs 4 CPUs "
+                                           r"\(\+1 for Ray Data tokenisation\) but the cluster has 4"):
+        run_training(tiny_cfg(tmp_path, "big", "train.num_workers=4"))
     with pytest.raises(ClusterError, match=r"train.use_gpu=true needs 1 GPUs .* the cluster has 0"):
         run_training(tiny_cfg(tmp_path, "gpu", "train.use_gpu=true"))
     with pytest.raises(ConfigError, match=r"train.storage_path='/proc/distilray' is not writable"):
