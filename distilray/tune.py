@@ -421,8 +421,9 @@ def _progress_callback(exp_dir: Path, metric: str, mode: str, total: int, schedu
                 self._emit(trials, trial, "done", tail)
             else:
                 self._emit(trials, trial, f"stopped early ({scheduler.upper()})", tail)
-                # by then the trial actor and the Train controller it owned have exited
-                self.to_free[trial.trial_id] = time.time() + FREE_AFTER_S
+            # A trial stopped by the scheduler, even at its last report, had its actor killed
+            # with the Train controller it owned; by FREE_AFTER_S both have exited.
+            self.to_free[trial.trial_id] = time.time() + FREE_AFTER_S
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self._emit(trials, trial, "error", f" (see {trial.path})")
