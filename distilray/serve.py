@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -43,6 +44,11 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 REPLICA_KEYS = ("max_batch_size", "batch_wait_timeout_s", "max_texts", "max_text_chars",
                 "request_timeout_s", "auth_token_env", "auth_token_file", "backend", "max_length",
                 "max_batch_tokens", "torch_threads", "num_cpus", "num_gpus")
+# "Some character outside Unicode White_Space", spelled out: `\S` differs between the
+# validator (Rust regex), JSON Schema (ECMA-262) and Python `re` (e.g. on U+0085), and the
+# OpenAPI schema must accept exactly what the server accepts.
+NOT_ONLY_WHITESPACE = (r"[^\t-\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f"
+                       r"\u205f\u3000]")
 LATENCY_BOUNDARIES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000]
 BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 
@@ -246,7 +252,7 @@ class ErrorResponse(BaseModel):
 def request_models(max_texts: int, max_text_chars: int) -> tuple[type[BaseModel], type[BaseModel]]:
     """`{"text": ...}` and `{"texts": [...]}` bodies with this server's limits in their schema."""
     one_text = Annotated[str, StringConstraints(min_length=1, max_length=max_text_chars,
-                                                pattern=r"\S")]
+                                                pattern=NOT_ONLY_WHITESPACE)]
 
     class TextRequest(BaseModel):
         model_config = ConfigDict(extra="forbid", json_schema_extra={
@@ -460,6 +466,7 @@ def make_deployments(cfg: ServeConfig) -> tuple[Any, Any]:
     from ray.exceptions import RayActorError
     from ray.serve.exceptions import BackPressureError
     from ray.serve.metrics import Counter, Gauge, Histogram
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     text_request, texts_request = request_models(cfg.max_texts, cfg.max_text_chars)
     max_texts, max_chars = cfg.max_texts, cfg.max_text_chars
@@ -476,10 +483,34 @@ def make_deployments(cfg: ServeConfig) -> tuple[Any, Any]:
         504: {"model": ErrorResponse, "description": "Classification took longer than the request timeout"},
     }
 
+    metrics: dict[str, Any] = {}  # created in the replica process on first use
+
+    @app.middleware("http")
+    async def _count(request: Request, call_next: Any) -> Any:
+        """Count every answer by route and status (validation errors and 401s included)."""
+        t0 = time.perf_counter()
+        response = await call_next(request)
+        if not metrics:
+            metrics["requests"] = Counter("distilray_requests", "HTTP requests answered, by status",
+                                          tag_keys=("route", "status"))
+            metrics["latency"] = Histogram("distilray_request_latency_ms", "Ingress-side latency",
+                                           boundaries=LATENCY_BOUNDARIES_MS, tag_keys=("route",))
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        metrics["requests"].inc(tags={"route": route, "status": str(response.status_code)})
+        metrics["latency"].observe((time.perf_counter() - t0) * 1000, tags={"route": route})
+        return response
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         status, body = describe_validation_errors(exc.errors(), exc.body, max_texts, max_chars)
         return JSONResponse(status_code=status, content=body.model_dump())
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # e.g. a body that is not UTF-8 ("error parsing the body"), unknown paths, wrong methods
+        kind = {400: "malformed_body", 404: "not_found", 405: "method_not_allowed"}.get(
+            exc.status_code, "http_error")
+        return error_json(exc.status_code, kind, str(exc.detail), **(exc.headers or {}))
 
     @serve.deployment(name=CLASSIFIER_NAME)
     class ClassifierDeployment:
@@ -558,10 +589,6 @@ def make_deployments(cfg: ServeConfig) -> tuple[Any, Any]:
             self._timeout_s = s.request_timeout_s
             self._chunk = s.max_batch_size
             self._info: dict[str, Any] | None = None
-            self._requests = Counter("distilray_requests", "HTTP requests answered, by status",
-                                     tag_keys=("route", "status"))
-            self._latency = Histogram("distilray_request_latency_ms", "Ingress-side latency",
-                                      boundaries=LATENCY_BOUNDARIES_MS, tag_keys=("route",))
 
         def _authorized(self, request: Request) -> bool:
             if self._token is None:
@@ -569,11 +596,6 @@ def make_deployments(cfg: ServeConfig) -> tuple[Any, Any]:
             scheme, _, given = request.headers.get("authorization", "").partition(" ")
             return scheme.lower() == "bearer" and hmac.compare_digest(
                 given.strip().encode(), self._token.encode())
-
-        def _done(self, route: str, status: int, t0: float, response: Any) -> Any:
-            self._requests.inc(tags={"route": route, "status": str(status)})
-            self._latency.observe((time.perf_counter() - t0) * 1000, tags={"route": route})
-            return response
 
         async def _model_info(self) -> dict[str, Any]:
             if self._info is None:
@@ -597,35 +619,30 @@ def make_deployments(cfg: ServeConfig) -> tuple[Any, Any]:
                   summary="Classify one text or a list of texts")
         async def classify(self, body: text_request | texts_request,  # type: ignore[valid-type]
                            request: Request) -> Any:
-            t0, route = time.perf_counter(), "/v1/classify"
             if not self._authorized(request):
-                return self._done(route, 401, t0, error_json(
-                    401, "unauthorized", "send 'Authorization: Bearer <token>' with the "
-                    "server's token", **{"WWW-Authenticate": "Bearer"}))
+                return error_json(401, "unauthorized", "send 'Authorization: Bearer <token>' "
+                                  "with the server's token", **{"WWW-Authenticate": "Bearer"})
             texts = [body.text] if hasattr(body, "text") else list(body.texts)
             chunks = [texts[i: i + self._chunk] for i in range(0, len(texts), self._chunk)]
             tasks = [asyncio.ensure_future(self._classify_chunk(c)) for c in chunks]
             try:
                 results = await asyncio.wait_for(asyncio.gather(*tasks), self._timeout_s)
             except TimeoutError:
-                return self._done(route, 504, t0, error_json(
-                    504, "timeout", f"classifying {len(texts)} text(s) took longer than "
-                    f"serve.request_timeout_s={self._timeout_s}s; retry later, send fewer "
-                    "texts, or raise the timeout"))
+                return error_json(504, "timeout", f"classifying {len(texts)} text(s) took longer "
+                                  f"than serve.request_timeout_s={self._timeout_s}s; retry later, "
+                                  "send fewer texts, or raise the timeout")
             except BackPressureError as exc:
                 retry = exc.retry_after_s
-                headers = {"Retry-After": str(max(1, int(retry + 0.999)))} if retry is not None else {}
-                return self._done(route, 503, t0, error_json(
-                    503, "overloaded", f"all Classifier replicas are busy ({exc.message}); retry "
-                    "after the Retry-After delay", **headers))
+                headers = {"Retry-After": str(math.ceil(retry))} if retry is not None else {}
+                return error_json(503, "overloaded", f"all Classifier replicas are busy "
+                                  f"({exc.message}); retry after the Retry-After delay", **headers)
             finally:
                 for task in tasks:
                     task.cancel()
             info = await self._model_info()
             preds = [p for chunk in results for p in chunk]
-            return self._done(route, 200, t0, ClassifyResponse(
-                model=info["model"], checkpoint=info["checkpoint"]["id"],
-                predictions=[PredictionOut(**asdict(p)) for p in preds]))
+            return ClassifyResponse(model=info["model"], checkpoint=info["checkpoint"]["id"],
+                                    predictions=[PredictionOut(**asdict(p)) for p in preds])
 
         @app.get("/healthz", summary="The HTTP front is up")
         async def healthz(self) -> dict[str, str]:

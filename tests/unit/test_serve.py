@@ -56,6 +56,8 @@ def _errors(body, max_texts=4, max_chars=20):
 @pytest.mark.parametrize("body, field, limit, words", [
     ({"text": ""}, "text", None, "empty"),
     ({"text": " \n\t"}, "text", None, "whitespace"),
+    ({"text": "\u0085\u3000"}, "text", None, "whitespace"),
+    ({"text": "ok \udfff"}, "text", None, "unicode"),
     ({"text": "x" * 21}, "text", 20, "longer than 20"),
     ({"text": 3}, "text", None, "must be a string"),
     ({"texts": []}, "texts", None, "at least one"),
@@ -72,6 +74,15 @@ def test_invalid_bodies_name_the_field_and_limit(body, field, limit, words):
     assert err.detail[0].field == field
     assert err.detail[0].limit == limit
     assert words in err.message
+
+
+def test_schema_pattern_accepts_exactly_what_the_validator_accepts():
+    import re
+
+    from distilray.serve import NOT_ONLY_WHITESPACE
+
+    for text in ["\u0085", "\u00a0", "\u2028 ", " \t\r\n\x0b\x0c", "x", "\x1c", "\u00a0x"]:
+        assert (_errors({"text": text}) is None) == bool(re.search(NOT_ONLY_WHITESPACE, text))
 
 
 def test_valid_bodies_pass_and_json_errors_are_400():

@@ -1,0 +1,258 @@
+"""Serving throughput: a naive FastAPI + pipeline server vs `distilray serve` vs the batched ceiling.
+
+    python benchmarks/serve_throughput.py --model offline:minilm [--checkpoint DIR] \
+        [--concurrency 1 8 32] [--requests 150 400 800] [--duration 30]
+
+(a) naive: FastAPI + one `transformers.pipeline` call per request (uvicorn, one process);
+(b) `distilray serve`: Ray Serve, Ingress + one batched Classifier replica using every core;
+(c) ceiling: `Predictor` forward passes in-process, one batch of `concurrency` texts at a time.
+Each client sends one SST-2 validation sentence per request, closed loop, over loopback;
+each level stops at its request count or after --duration seconds. Same model, same
+machine, one invocation; ratios are printed against (a) and (c).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+NAIVE_SERVER = textwrap.dedent('''
+    import os
+    from fastapi import FastAPI
+    from transformers import pipeline
+
+    app = FastAPI()
+    pipe = pipeline("text-classification", model=os.environ["CHECKPOINT"],
+                    device=os.environ.get("DEVICE", "cpu"))
+
+    @app.post("/v1/classify")
+    def classify(body: dict):
+        return {"predictions": [pipe(body["text"], top_k=None)]}
+''')
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load_texts(data: Path, n: int = 872) -> list[str]:
+    from distilray.config import DataConfig
+    from distilray.data import load_splits
+
+    if data.exists():
+        return load_splits(DataConfig(dataset=str(data)), 2).eval.column("text").to_pylist()[:n]
+    cfg = DataConfig(dataset="synthetic:sentiment", synthetic_size=2 * n)
+    return load_splits(cfg, 2).eval.column("text").to_pylist()[:n]
+
+
+def make_checkpoint(model: str, out: Path) -> Path:
+    """A servable checkpoint of `model` (an untrained head costs the same to run)."""
+    from distilray.model import load_classifier, load_tokenizer, resolve_model
+
+    source = resolve_model(model)
+    load_classifier(source, ["negative", "positive"]).save_pretrained(out)
+    load_tokenizer(source).save_pretrained(out)
+    (out / "distilray.json").write_text(json.dumps({"run_name": "bench", "model_name": model}))
+    return out
+
+
+def summarize(name: str, conc: int, latencies: list[float], elapsed: float,
+              errors: int) -> dict:
+    lat = np.asarray(latencies) * 1000 if latencies else np.asarray([np.nan])
+    return {"system": name, "concurrency": conc, "n": len(latencies), "errors": errors,
+            "rps": len(latencies) / elapsed, "p50": float(np.percentile(lat, 50)),
+            "p99": float(np.percentile(lat, 99))}
+
+
+async def http_level(url: str, texts: list[str], conc: int, n: int, duration: float) -> tuple:
+    import aiohttp
+
+    latencies: list[float] = []
+    errors = 0
+    sent = 0
+    deadline = time.perf_counter() + duration
+    connector = aiohttp.TCPConnector(limit=conc)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        for i in range(conc):  # warm-up: one request per connection, not measured
+            async with session.post(url, json={"text": texts[i % len(texts)]}) as r:
+                await r.read()
+
+        async def worker() -> None:
+            nonlocal sent, errors
+            while sent < n and time.perf_counter() < deadline:
+                text = texts[sent % len(texts)]
+                sent += 1
+                t0 = time.perf_counter()
+                async with session.post(url, json={"text": text}) as r:
+                    await r.read()
+                    if r.status == 200:
+                        latencies.append(time.perf_counter() - t0)
+                    else:
+                        errors += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(conc)))
+        elapsed = time.perf_counter() - t0
+    return latencies, elapsed, errors
+
+
+def wait_http(url: str, timeout_s: float = 300) -> None:
+    import requests
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if requests.post(url, json={"text": "warm up"}, timeout=30).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"{url} did not come up in {timeout_s}s")
+
+
+def run_http(name: str, url: str, texts, levels, duration) -> list[dict]:
+    rows = []
+    for conc, n in levels:
+        lat, elapsed, errors = asyncio.run(http_level(url, texts, conc, n, duration))
+        rows.append(summarize(name, conc, lat, elapsed, errors))
+        print(fmt(rows[-1]), flush=True)
+    return rows
+
+
+def run_naive(ckpt: Path, texts, levels, duration, device: str) -> list[dict]:
+    port = free_port()
+    workdir = Path(tempfile.mkdtemp(prefix="naive-server-"))
+    (workdir / "naive_server.py").write_text(NAIVE_SERVER)
+    env = {**os.environ, "CHECKPOINT": str(ckpt), "DEVICE": device}
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "naive_server:app", "--host",
+                             "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+                            cwd=workdir, env=env)
+    try:
+        url = f"http://127.0.0.1:{port}/v1/classify"
+        wait_http(url)
+        return run_http("(a) naive FastAPI + pipeline", url, texts, levels, duration)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def run_distilray(ckpt: Path, texts, levels, duration, gpu: bool, extra: list[str]) -> list[dict]:
+    import ray
+
+    from distilray.config import load_config
+    from distilray.serve import shutdown_server, start_server
+
+    cores = os.cpu_count() or 1
+    ray.init(num_cpus=cores, num_gpus=1 if gpu else 0, include_dashboard=False,
+             log_to_driver=False)
+    cfg = load_config(None, [
+        f"serve.port={free_port()}", "serve.min_replicas=1", "serve.max_replicas=1",
+        f"serve.num_cpus={max(1, cores - 1) if gpu else cores}", f"serve.num_gpus={1 if gpu else 0}",
+        "serve.max_batch_size=32", "serve.batch_wait_timeout_s=0.005",
+        "serve.max_ongoing_requests=64", "serve.target_ongoing_requests=32", *extra])
+    try:
+        url = start_server(cfg, str(ckpt)) + "/v1/classify"
+        wait_http(url)
+        return run_http("(b) distilray serve", url, texts, levels, duration)
+    finally:
+        shutdown_server(cfg)
+        ray.shutdown()
+
+
+def run_ceiling(ckpt: Path, texts, levels, duration, device: str) -> list[dict]:
+    import torch
+
+    from distilray.serve import Predictor
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    pred = Predictor(str(ckpt), device=device)
+    rows = []
+    for conc, n in levels:
+        pred.predict(texts[:conc])  # warm-up
+        latencies, done, i = [], 0, 0
+        deadline = time.perf_counter() + duration
+        t0 = time.perf_counter()
+        while done < n and time.perf_counter() < deadline:
+            batch = [texts[(i + k) % len(texts)] for k in range(conc)]
+            i += conc
+            b0 = time.perf_counter()
+            pred.predict(batch)
+            if device != "cpu":
+                torch.cuda.synchronize()
+            latencies += [time.perf_counter() - b0] * conc
+            done += conc
+        rows.append(summarize("(c) in-process batched ceiling", conc, latencies,
+                              time.perf_counter() - t0, 0))
+        print(fmt(rows[-1]), flush=True)
+    return rows
+
+
+def fmt(r: dict) -> str:
+    return (f"| {r['system']} | {r['concurrency']} | {r['rps']:.1f} | {r['p50']:.1f} | "
+            f"{r['p99']:.1f} | {r['n']} | {r['errors']} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="offline:minilm")
+    parser.add_argument("--checkpoint", help="serve this checkpoint instead of --model's")
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "sst2"))
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--requests", type=int, nargs="+", default=[150, 400, 800],
+                        help="request cap per concurrency level")
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds cap per level")
+    parser.add_argument("--systems", default="abc", help="which of a, b, c to run")
+    parser.add_argument("--gpu", action="store_true", help="run model on CUDA in all systems")
+    parser.add_argument("--serve-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra config overrides for (b), e.g. serve.max_batch_size=64")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    device = "cuda" if args.gpu else "cpu"
+    levels = list(zip(args.concurrency, args.requests, strict=True))
+    texts = load_texts(Path(args.data))
+    ckpt = Path(args.checkpoint) if args.checkpoint else make_checkpoint(
+        args.model, Path(tempfile.mkdtemp(prefix="serve-bench-")))
+    print(f"model {args.model} ({ckpt}), {len(texts)} texts, mean {np.mean([len(t) for t in texts]):.0f}"
+          f" chars, {os.cpu_count()} CPUs, device {device}, levels {levels}, cap {args.duration}s")
+    print("\n| system | concurrency | requests/s | p50 ms | p99 ms | requests | errors |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |", flush=True)
+    rows = []
+    if "c" in args.systems:
+        rows += run_ceiling(ckpt, texts, levels, args.duration, device)
+    if "a" in args.systems:
+        rows += run_naive(ckpt, texts, levels, args.duration, device)
+    if "b" in args.systems:
+        rows += run_distilray(ckpt, texts, levels, args.duration, args.gpu, args.serve_set)
+
+    by = {(r["system"][:3], r["concurrency"]): r for r in rows}
+    print("\n| concurrency | (b)/(a) req/s | (b) p99 / (a) p99 | (b)/(c) req/s |")
+    print("| ---: | ---: | ---: | ---: |")
+    for conc, _ in levels:
+        a, b, c = by.get(("(a)", conc)), by.get(("(b)", conc)), by.get(("(c)", conc))
+        ba = f"{b['rps'] / a['rps']:.2f}×" if a and b else "-"
+        pa = f"{b['p99'] / a['p99']:.2f}" if a and b else "-"
+        bc = f"{b['rps'] / c['rps']:.0%}" if b and c else "-"
+        print(f"| {conc} | {ba} | {pa} | {bc} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,408 @@
+"""`distilray serve` on a real local Ray Serve, loopback only, with bounded load loops.
+
+Three applications are deployed once per module from one Serve config — built with
+`emit_serve_config` and started with `serve run`, exactly as a RayService would get it:
+`main` (tiny model, fast autoscaling), `locked` (bearer token, tiny request timeout) and
+`tight` (one slot and a two-request queue, to overload on purpose).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import yaml
+
+from distilray.config import load_config
+from distilray.serve import CLASSIFIER_NAME, Predictor, emit_serve_config
+
+pytestmark = pytest.mark.ray
+
+REPO = Path(__file__).resolve().parents[2]
+TOKEN = "test-token-7f3a"
+TEXTS = ["a charming and often affecting journey .", "bad", "unflinchingly bleak and desperate",
+         "the plot was not boring at all , but the ending was utterly forgettable and the cast "
+         "seemed tired of the whole thing by the second act .", "ok"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout_s: float, every_s: float = 0.5, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every_s)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def ready(url: str) -> bool:
+    try:
+        return requests.get(f"{url}/readyz", timeout=15).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def replica_names(app: str) -> set[str]:
+    import ray
+
+    prefix = f"SERVE_REPLICA::{app}#{CLASSIFIER_NAME}#"
+    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith(prefix)}
+
+
+def running_replicas(app: str) -> int:
+    from ray import serve
+
+    status = serve.status().applications.get(app)
+    if status is None:
+        return 0
+    states = status.deployments[CLASSIFIER_NAME].replica_states
+    return sum(n for state, n in states.items() if str(state).endswith("RUNNING"))
+
+
+class Load:
+    """Closed-loop load from `workers` threads until stopped; records every status code."""
+
+    def __init__(self, url: str, workers: int, body: dict, max_requests: int = 20_000):
+        self.url, self.workers, self.body, self.max_requests = url, workers, body, max_requests
+        self.codes: list[int] = []
+        self.stop = threading.Event()
+        self.pool = ThreadPoolExecutor(workers)
+
+    def _worker(self) -> None:
+        with requests.Session() as session:
+            while not self.stop.is_set() and len(self.codes) < self.max_requests:
+                try:
+                    r = session.post(f"{self.url}/v1/classify", json=self.body, timeout=30)
+                    self.codes.append(r.status_code)
+                except requests.RequestException:
+                    self.codes.append(-1)
+
+    def __enter__(self) -> Load:
+        self.futures = [self.pool.submit(self._worker) for _ in range(self.workers)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for f in self.futures:
+            f.result(timeout=60)
+        self.pool.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    from distilray.model import load_classifier, load_tokenizer, resolve_model
+
+    path = tmp_path_factory.mktemp("serve-tiny")
+    source = resolve_model("tiny")
+    load_classifier(source, ["negative", "positive"], seed=1).save_pretrained(path)
+    load_tokenizer(source).save_pretrained(path)
+    (path / "distilray.json").write_text(json.dumps(
+        {"run_name": "tiny-test", "step": 1, "epoch": 1, "metrics": {}, "model_name": "tiny",
+         "max_length": 64}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def served(ray_4_cpus, tiny_checkpoint, tmp_path_factory):
+    """Three apps from one `serve run` config; yields {name: base URL}; shuts Serve down after."""
+    import ray
+    from ray import serve
+
+    port = free_port()
+    common = [f"serve.port={port}", "serve.num_cpus=0.5", "serve.max_length=64",
+              "serve.health_check_period_s=1"]
+    main = load_config(None, common + [
+        "serve.app_name=main", "serve.route_prefix=/", "serve.max_texts=8",
+        "serve.max_text_chars=300", "serve.min_replicas=1", "serve.max_replicas=2",
+        "serve.target_ongoing_requests=2", "serve.max_ongoing_requests=16",
+        "serve.upscale_delay_s=0.5", "serve.downscale_delay_s=2", "serve.metrics_interval_s=0.5",
+        "serve.look_back_period_s=2", "serve.batch_wait_timeout_s=0.02",
+        "serve.request_timeout_s=20"])
+    token_file = tmp_path_factory.mktemp("secret") / "token"
+    token_file.write_text(TOKEN + "\n")
+    locked = load_config(None, common + [
+        "serve.app_name=locked", "serve.route_prefix=/locked", f"serve.auth_token_file={token_file}",
+        "serve.request_timeout_s=0.05", "serve.batch_wait_timeout_s=0.5",
+        "serve.max_batch_size=64", "serve.max_replicas=1"])
+    tight = load_config(None, common + [
+        "serve.app_name=tight", "serve.route_prefix=/tight", "serve.max_replicas=1",
+        "serve.target_ongoing_requests=1", "serve.max_ongoing_requests=2",
+        "serve.max_queued_requests=2", "serve.batch_wait_timeout_s=0.3", "serve.retry_after_s=2"])
+    config = emit_serve_config(main, str(tiny_checkpoint))
+    for other in (locked, tight):
+        config["applications"] += emit_serve_config(other, str(tiny_checkpoint))["applications"]
+    path = tmp_path_factory.mktemp("serve-config") / "serve.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    serve_bin = Path(sys.executable).with_name("serve")
+    proc = subprocess.run([str(serve_bin), "run", "--non-blocking", str(path)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    urls = {"main": f"http://127.0.0.1:{port}", "locked": f"http://127.0.0.1:{port}/locked",
+            "tight": f"http://127.0.0.1:{port}/tight", "port": port}
+    for name in ("main", "locked", "tight"):
+        # ~20 s on two idle cores; minutes when the machine is shared and loaded
+        wait_until(lambda n=name: ready(urls[n]), 600, what=f"{name} /readyz")
+    yield urls
+    serve.shutdown()
+
+
+# --------------------------------------------------------------------------- behaviour
+
+
+def test_predictions_match_in_process_and_transformers_pipeline(served, tiny_checkpoint):
+    from transformers import pipeline
+
+    url = served["main"]
+    r = requests.post(f"{url}/v1/classify", json={"texts": TEXTS}, timeout=30)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "tiny" and body["checkpoint"].startswith("tiny-test@step1:")
+    http = [[p["probabilities"]["negative"], p["probabilities"]["positive"]]
+            for p in body["predictions"]]
+    singles = [requests.post(f"{url}/v1/classify", json={"text": t}, timeout=30).json()
+               ["predictions"][0]["probabilities"]["positive"] for t in TEXTS]
+    np.testing.assert_allclose([p[1] for p in http], singles, atol=1e-5)
+
+    local = Predictor(str(tiny_checkpoint), max_length=64).predict(TEXTS)
+    np.testing.assert_allclose(http, [[p.probabilities["negative"], p.probabilities["positive"]]
+                                      for p in local], atol=1e-5)
+    pipe = pipeline("text-classification", model=str(tiny_checkpoint), top_k=None,
+                    truncation=True, max_length=64, device="cpu")
+    for pred, ref in zip(body["predictions"], pipe(TEXTS), strict=True):
+        ref = {d["label"]: d["score"] for d in ref}
+        assert pred["label"] == max(ref, key=ref.get)
+        assert pred["probabilities"] == pytest.approx(ref, abs=1e-5)
+
+
+@pytest.mark.parametrize("payload, status, field, limit", [
+    ({"text": ""}, 422, "text", None),
+    ({"text": "   "}, 422, "text", None),
+    ({"text": 42}, 422, "text", None),
+    ({"texts": ["ok", ["nested"]]}, 422, "texts[1]", None),
+    ({"texts": ["x"] * 9}, 422, "texts", 8),
+    ({"texts": []}, 422, "texts", None),
+    ({"text": "y" * 301}, 422, "text", 300),
+    ({"text": "a", "extra": 1}, 422, "extra", None),
+    ({"text": "a", "texts": ["b"]}, 422, "body", None),
+    ("{not json", 400, "body", None),
+])
+def test_invalid_requests_get_documented_4xx(served, payload, status, field, limit):
+    kwargs = ({"data": payload, "headers": {"Content-Type": "application/json"}}
+              if isinstance(payload, str) else {"json": payload})
+    r = requests.post(f"{served['main']}/v1/classify", timeout=30, **kwargs)
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert body["detail"][0]["field"] == field
+    assert body["detail"][0]["limit"] == limit
+    if limit:
+        assert str(limit) in body["message"]
+
+
+def test_health_docs_and_openapi(served):
+    url = served["main"]
+    assert requests.get(f"{url}/healthz", timeout=10).json() == {"status": "ok"}
+    ready_body = requests.get(f"{url}/readyz", timeout=10).json()
+    assert ready_body["status"] == "ready" and ready_body["warmup_ms"] > 0
+    assert requests.get(f"{url}/docs", timeout=10).status_code == 200
+    schema = requests.get(f"{url}/openapi.json", timeout=10).json()
+    assert {"/v1/classify", "/healthz", "/readyz"} <= set(schema["paths"])
+    texts_schema = schema["components"]["schemas"]["TextsRequest"]["properties"]["texts"]
+    assert texts_schema["maxItems"] == 8
+
+
+def fuzz_test(operation, mode, checks, ran: Counter):
+    """A bounded Hypothesis test sending schema-generated cases to one operation."""
+    from hypothesis import HealthCheck, Phase, given, settings
+
+    @given(case=operation.as_strategy(generation_mode=mode))
+    @settings(max_examples=30, deadline=None, phases=[Phase.explicit, Phase.generate],
+              suppress_health_check=list(HealthCheck), database=None)
+    def fuzz(case):
+        case.call_and_validate(checks=checks)
+        ran[(operation.label, mode.value)] += 1
+
+    return fuzz
+
+
+def test_openapi_fuzz_finds_no_5xx_and_no_schema_violation(served):
+    import schemathesis
+    from schemathesis.checks import (
+        content_type_conformance,
+        negative_data_rejection,
+        not_a_server_error,
+        positive_data_acceptance,
+        response_schema_conformance,
+        status_code_conformance,
+    )
+    from schemathesis.generation.modes import GenerationMode
+
+    schema = schemathesis.openapi.from_url(f"{served['main']}/openapi.json")
+    common = [not_a_server_error, status_code_conformance, content_type_conformance,
+              response_schema_conformance]
+    ran = Counter()
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        for mode, extra in ((GenerationMode.POSITIVE, positive_data_acceptance),
+                            (GenerationMode.NEGATIVE, negative_data_rejection)):
+            if mode is GenerationMode.NEGATIVE and operation.method.upper() == "GET":
+                continue  # our GETs take no input: there is no invalid request to generate
+            fuzz_test(operation, mode, [*common, extra], ran)()
+    assert ran[("POST /v1/classify", "positive")] >= 20, ran
+    assert ran[("POST /v1/classify", "negative")] >= 20, ran
+
+
+def test_bearer_token_required_and_timeout_is_504(served):
+    url = served["locked"]
+    no_token = requests.post(f"{url}/v1/classify", json={"text": "hi"}, timeout=10)
+    assert no_token.status_code == 401 and no_token.headers["WWW-Authenticate"] == "Bearer"
+    wrong = requests.post(f"{url}/v1/classify", json={"text": "hi"}, timeout=10,
+                          headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401
+    assert requests.get(f"{url}/healthz", timeout=10).status_code == 200  # probes stay open
+    # authorised, but a batch waits 0.5 s and the request timeout is 0.05 s
+    t0 = time.monotonic()
+    slow = requests.post(f"{url}/v1/classify", json={"text": "hi"}, timeout=10,
+                         headers={"Authorization": f"Bearer {TOKEN}"})
+    assert slow.status_code == 504, slow.text
+    assert "request_timeout_s=0.05" in slow.json()["message"]
+    assert time.monotonic() - t0 < 3
+
+
+def test_proxy_timeout_header_gives_408(served):
+    r = requests.post(f"{served['main']}/v1/classify", json={"text": "hi"}, timeout=10,
+                      headers={"x-request-timeout-seconds": "0.001"})
+    assert r.status_code == 408
+    assert "timed out" in r.text
+
+
+def test_overload_gets_fast_503_with_retry_after_then_recovers(served):
+    url = served["tight"]
+
+    def post(_):
+        t0 = time.monotonic()
+        try:
+            r = requests.post(f"{url}/v1/classify", json={"text": "busy"}, timeout=30)
+            return r.status_code, r.headers.get("Retry-After"), time.monotonic() - t0
+        except requests.RequestException:
+            return -1, None, time.monotonic() - t0
+
+    with ThreadPoolExecutor(24) as pool:
+        results = list(pool.map(post, range(48)))
+    codes = Counter(code for code, _, _ in results)
+    assert set(codes) <= {200, 503}, codes
+    assert codes[503] >= 10 and codes[200] >= 2, codes
+    rejected = [(after, dt) for code, after, dt in results if code == 503]
+    assert all(after == "2" for after, _ in rejected)
+    assert np.median([dt for _, dt in rejected]) < 1.0  # rejected at once, not queued
+    assert ready(url)
+    ok = requests.post(f"{url}/v1/classify", json={"text": "calm again"}, timeout=30)
+    assert ok.status_code == 200
+
+
+def test_autoscales_up_under_load_and_back_down(served):
+    url = served["main"]
+    wait_until(lambda: running_replicas("main") == 1, 60, what="main at 1 replica")
+    with Load(url, workers=8, body={"texts": TEXTS}) as load:
+        wait_until(lambda: running_replicas("main") >= 2, 300, what="scale-up to 2 replicas")
+    codes = Counter(load.codes)
+    assert set(codes) == {200}, codes
+    wait_until(lambda: running_replicas("main") == 1, 120, what="scale-down to 1 replica")
+
+
+def test_killing_a_replica_under_load_loses_no_requests(served):
+    import ray
+
+    url = served["main"]
+    with Load(url, workers=8, body={"texts": TEXTS}) as load:
+        wait_until(lambda: running_replicas("main") >= 2 and len(replica_names("main")) >= 2,
+                   300, what="2 replicas under load")
+        victim = sorted(replica_names("main"))[0]
+        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+        killed_at = len(load.codes)
+        time.sleep(6)
+    codes = Counter(load.codes)
+    assert len(load.codes) - killed_at >= 20, "load did not continue after the kill"
+    ok = codes[200] / len(load.codes)
+    assert ok >= 0.99, codes
+    assert all(c in (200, 503) for c in codes), codes
+    wait_until(lambda: victim not in replica_names("main") and running_replicas("main") >= 1,
+               300, what="replacement replica")
+    assert ready(url)
+
+
+def test_prometheus_metrics_are_exported(served):
+    import ray
+
+    url = served["main"]
+    for _ in range(3):
+        requests.post(f"{url}/v1/classify", json={"texts": TEXTS[:3]}, timeout=30)
+    requests.post(f"{url}/v1/classify", json={"text": ""}, timeout=30)
+    node = next(n for n in ray.nodes() if n["Alive"])
+    metrics_url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+
+    def scrape():
+        text = requests.get(metrics_url, timeout=10).text
+        wanted = ['distilray_requests_total{', 'status="200"', 'status="422"',
+                  "distilray_request_latency_ms_bucket", "distilray_batch_size_bucket",
+                  "distilray_queue_length", "ray_serve_num_http_requests"]
+        return text if all(w in text for w in wanted) else None
+
+    text = wait_until(scrape, 60, every_s=2, what="distilray metrics in Prometheus export")
+    assert 'route="/v1/classify"' in text
+
+
+def test_cli_predict_reads_args_and_file(served, tmp_path, capsys):
+    from distilray.cli import main
+
+    texts = tmp_path / "texts.txt"
+    texts.write_text("first review\n\nsecond review\n")
+    assert main(["predict", "--url", served["main"], "--file", str(texts), "--batch-size", "1",
+                 "an argument"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split("\t")[2] for line in lines] == ["an argument", "first review",
+                                                       "second review"]
+    assert all(line.split("\t")[0] in ("negative", "positive") for line in lines)
+    assert main(["predict", "--url", served["locked"], "hi"]) == 2
+    assert "401" in capsys.readouterr().err
+
+
+def test_cli_serve_detach_then_stop(served, tiny_checkpoint):
+    import ray
+
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    cmd = [sys.executable, "-m", "distilray", "serve", "--checkpoint", str(tiny_checkpoint),
+           "--port", str(served["port"]), "--set", "serve.app_name=cli",
+           "--set", "serve.route_prefix=/cli", "--set", "serve.num_cpus=0.5",
+           "--set", "serve.max_replicas=1"]
+    proc = subprocess.run(cmd + ["--detach"], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    url = f"http://127.0.0.1:{served['port']}/cli"
+    assert f"serving at {url}" in proc.stdout
+    r = requests.post(f"{url}/v1/classify", json={"text": "still here"}, timeout=30)
+    assert r.status_code == 200
+    stop = subprocess.run(cmd[:4] + ["--stop", "--set", "serve.app_name=cli"], env=env,
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert stop.returncode == 0 and "stopped cli" in stop.stdout, stop.stderr[-2000:]
+    wait_until(lambda: requests.post(f"{url}/v1/classify", json={"text": "x"},
+                                     timeout=10).status_code == 404, 30, what="cli app gone")
