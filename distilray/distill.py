@@ -360,7 +360,7 @@ def precompute_teacher_logits(run: PreparedRun, batch_size: int = 64) -> pa.Tabl
         TeacherLogits, batch_format="pyarrow", batch_size=batch_size,
         fn_constructor_kwargs={"teacher_dir": str(teacher_dir), "max_length": cfg.data.max_length,
                                "threads": max(1, int(cfg.train.cpus_per_worker))},
-        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cfg.train.cpus_per_worker)
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors), num_cpus=cfg.train.cpus_per_worker)
     out = pa.concat_tables(ray.get(ds.to_arrow_refs())).sort_by("row")
     if out.num_rows != len(texts) or out.column("row").to_pylist() != list(range(len(texts))):
         raise AssertionError("teacher inference lost or duplicated rows")
@@ -500,9 +500,7 @@ def run_distillation(cfg: Config, callbacks: list | None = None) -> dict[str, An
     """Validate, precompute teacher logits when configured, and fit the student on Ray Train."""
     from distilray.train import connect_ray, fit, preflight, prepare_run
 
-    if cfg.model.name != cfg.distill.teacher:
-        cfg = distill_config(cfg)
-    run = prepare_run(cfg)
+    run = prepare_run(cfg)  # sets model.name to the teacher, runs check_distill_config
     connect_ray(run.cfg.train.num_workers * run.cfg.train.cpus_per_worker)
     preflight(run.cfg, run.storage)
     extra = None

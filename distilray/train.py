@@ -345,6 +345,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     window_loss, window_n, micro = 0.0, 0, 0
     window_start, window_rows = time.time(), 0
     epoch_loss, epoch_n = 0.0, 0
+    want_hidden = bool(cfg.distill.teacher) and cfg.distill.cosine_weight > 0
     torch.manual_seed(step_seed(tc.seed, rank, step))
     for index, batch in enumerate(batches):
         if index < skip:
@@ -354,8 +355,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         context = model.no_sync() if (not sync and hasattr(model, "no_sync")) else contextlib.nullcontext()
         with context:
             with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                loss = compute_loss(cfg, logits.float(), batch, teacher)
+                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            output_hidden_states=want_hidden)
+                loss = compute_loss(cfg, out.logits.float(), batch, teacher,
+                                    out.hidden_states[-1] if want_hidden else None)
             (scaler.scale(loss / accum) if scaler else loss / accum).backward()
         micro += 1
         window_loss += loss.item()
@@ -401,24 +404,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             break
 
 
-def compute_loss(cfg: Config, logits, batch, teacher) -> Any:
+def compute_loss(cfg: Config, logits, batch, teacher, student_hidden=None) -> Any:
     """Cross-entropy, or the distillation loss when a teacher is configured."""
-    import torch
     import torch.nn.functional as F
 
     if not cfg.distill.teacher:
         return F.cross_entropy(logits, batch["labels"])
-    from distilray.distill import distillation_loss
+    from distilray.distill import distill_step_loss
 
-    if teacher is not None:
-        with torch.inference_mode():
-            teacher_logits = teacher(input_ids=batch["input_ids"],
-                                     attention_mask=batch["attention_mask"]).logits.float()
-        teacher_logits = teacher_logits.clone()
-    else:
-        teacher_logits = batch["teacher_logits"]
-    return distillation_loss(logits, teacher_logits, batch["labels"], cfg.distill.temperature,
-                             cfg.distill.alpha)
+    return distill_step_loss(cfg, logits, batch, teacher, student_hidden)
 
 
 # --------------------------------------------------------------------------- driver
@@ -491,6 +485,10 @@ def prepare_run(cfg: Config) -> PreparedRun:
 
     name = cfg.train.name or default_run_name()
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, name=name))
+    if cfg.distill.teacher:
+        from distilray.distill import distill_config
+
+        cfg = distill_config(cfg)  # the student reads the teacher's token ids: model.name = teacher
     source = resolve_model(cfg.model.name, cfg.model.cache_dir)
     tokenizer = load_tokenizer(source)
     if cfg.distill.teacher:
@@ -542,6 +540,10 @@ def fit(run: PreparedRun, extra_train_columns: pa.Table | None = None,
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         (Path(run_dir) / "config.yaml").write_text(dump_config(cfg))
     train_table = splits.train
+    if extra_train_columns is None and cfg.distill.teacher and cfg.distill.teacher_logits == "precomputed":
+        from distilray.distill import precompute_teacher_logits
+
+        extra_train_columns = precompute_teacher_logits(run)  # cached: Tune trials share one pass
     if extra_train_columns is not None:
         for col in extra_train_columns.column_names:
             train_table = train_table.append_column(col, extra_train_columns.column(col))
