@@ -318,7 +318,13 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], exp_dir: str) -> Non
         def after_report(self, run_context, metrics, checkpoint):
             super().after_report(run_context, [{**m, **plan} for m in metrics], checkpoint)
 
-    fit(run, callbacks=[TrialReportCallback()])
+    extra = None
+    if cfg.distill.teacher and cfg.distill.teacher_logits == "precomputed":
+        from distilray.distill import precompute_teacher_logits
+
+        # the distillation stage's own step, cached under runs/: computed once per search
+        extra = precompute_teacher_logits(run, batch_size=max(32, cfg.train.batch_size * 4))
+    fit(run, extra_train_columns=extra, callbacks=[TrialReportCallback()])
 
 
 def run_placement_groups(run_dir: Path) -> set[str]:

@@ -40,7 +40,10 @@ def tune_cfg(tmp_path, sst2_dir, name, *extra):
 
 
 def result_rows(trial_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines() if line.strip()]
+    """Tune's result.json of a trial: one JSON line per report (a line being written is skipped)."""
+    path = trial_dir / "result.json"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(line) for line in lines if line.strip().endswith("}")]
 
 
 @pytest.mark.slow
@@ -102,19 +105,21 @@ def test_search_with_bad_values_picks_a_sensible_config_and_asha_stops_weak_tria
 
 @pytest.mark.slow
 def test_killed_driver_resumes_and_keeps_finished_trials(ray_4_cpus, sst2_dir, tmp_path):
-    # 2 trials one after the other (FIFO, 1 at a time); the driver is killed once the first has
-    # finished and the second has reported, then `--resume` finishes the second only.
+    # 2 trials one after the other (FIFO, 1 at a time), each a 2-worker Ray Train run (global
+    # batch 32: 31 steps per epoch, evaluated every 16 steps); the driver is killed once the
+    # first trial has finished and the second has reported, then `--resume` finishes the second.
     cfg_text = "\n".join([
         "# distilray tune --config search.yaml",
         "model: {name: tiny, dropout: 0.0}",
         f"data: {{dataset: '{sst2_dir}', max_length: 64, max_train_samples: 1000}}",
-        "train: {lr: 2.0e-3, epochs: 2, batch_size: 16, eval_every_steps: 31, log_every_steps: 100,"
-        " max_failures: 0}",
+        "train: {lr: 2.0e-3, epochs: 2, batch_size: 16, num_workers: 2, eval_every_steps: 16,"
+        " log_every_steps: 1, max_failures: 0}",
         "tune:",
         "  space:",
         "    train.lr: {type: grid, values: [2.0e-3, 3.0e-3]}",
         "    train.weight_decay: {type: grid, values: [0.0]}",
         "  search_alg: grid",
+        "  num_samples: 1",
         "  scheduler: fifo",
         "  max_concurrent_trials: 1",
         f"  storage_path: '{tmp_path}'",
@@ -132,8 +137,10 @@ def test_killed_driver_resumes_and_keeps_finished_trials(ray_4_cpus, sst2_dir, t
                 if (exp_dir / "events.jsonl").exists() else []
             done = [s["trial_id"] for s in states if s["state"] == "done"]
             running = [s["trial_id"] for s in states if s["state"] == "running" and s["trial_id"] not in done]
-            if done and running and read_metrics(exp_dir / "runs" / running[0]) and any(
-                    r["event"] == "eval" for r in read_metrics(exp_dir / "runs" / running[0])):
+            # A report reaches Tune after Ray Train has committed its checkpoint.
+            reported = [r for d in exp_dir.glob(f"run_trial_{running[0]}_*") for r in result_rows(d)] \
+                if done and running else []
+            if reported:
                 break
             assert driver.poll() is None, "driver exited before it could be killed"
             time.sleep(0.5)
@@ -154,8 +161,9 @@ def test_killed_driver_resumes_and_keeps_finished_trials(ray_4_cpus, sst2_dir, t
     assert [r["event"] for r in read_metrics(exp_dir / "runs" / finished)].count("start") == 1
     resumed = read_metrics(exp_dir / "runs" / interrupted)
     restored = [r for r in resumed if r["event"] == "restored"]
-    assert len(restored) == 1 and restored[0]["step"] >= 31, "Ray Train restored the trial's checkpoint"
-    assert [r["step"] for r in resumed if r["event"] == "eval"][-1] == 124
+    assert len(restored) == 1 and restored[0]["step"] >= 16, "Ray Train restored the trial's checkpoint"
+    assert [r["step"] for r in resumed if r["event"] == "eval"][-1] == 62
+    assert {w["rank"] for w in resumed if w["event"] == "worker"} == {0, 1}
     exp = load_experiment_summary(exp_dir)
     assert sorted(t.status for t in exp.trials) == ["done", "done"]
     assert (exp_dir / "best" / "model.safetensors").exists() and (exp_dir / "report.html").exists()
