@@ -327,14 +327,18 @@ def plot_space(exp: ExperimentSummary, xkey: str, ykey: str | None) -> str:
     values = [t.best_value for t in trials]
     lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
     best_id = (exp.best or {}).get("trial_id")
-    for t, xv, yv in zip(trials, xs, ys, strict=True):
+    labels: list[tuple[float, float]] = []
+    sign = -1.0 if exp.mode == "max" else 1.0  # best first: its value label wins where points crowd
+    for t, xv, yv in sorted(zip(trials, xs, ys, strict=True), key=lambda p: sign * p[0].best_value):
         px, py = x(xv), y(yv)
         color = _color_scale(t.best_value, lo, hi, exp.mode == "max")
         if t.trial_id == best_id:
             parts.append(f'<circle cx="{px:.1f}" cy="{py:.1f}" r="11" fill="none" stroke="#000" '
                          'stroke-width="2"/>')
         parts.append(_marker(t, px, py, color, 7))
-        parts.append(f'<text x="{px + 10:.1f}" y="{py - 8:.1f}" font-size="10">{t.best_value:.3f}</text>')
+        if all(abs(px - lx) > 34 or abs(py - ly) > 12 for lx, ly in labels):  # no overlapping labels
+            labels.append((px, py))
+            parts.append(f'<text x="{px + 10:.1f}" y="{py - 8:.1f}" font-size="10">{t.best_value:.3f}</text>')
     # colour bar
     for i in range(50):
         v = lo + (hi - lo) * i / 49

@@ -19,7 +19,9 @@ Experiment layout (`<tune.storage_path>/<tune.name>/`):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import json
 import logging
 import math
@@ -324,7 +326,11 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], exp_dir: str) -> Non
 
         # the distillation stage's own step, cached under runs/: computed once per search
         extra = precompute_teacher_logits(run, batch_size=max(32, cfg.train.batch_size * 4))
-    fit(run, extra_train_columns=extra, callbacks=[TrialReportCallback()])
+    # fit() ends by printing how to serve this run's best checkpoint; for a trial the search's
+    # best/ is what to serve, so that line goes to the trial's log at debug level instead.
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        fit(run, extra_train_columns=extra, callbacks=[TrialReportCallback()])
+    log.debug("trial %s: %s", trial_id, printed.getvalue().strip())
 
 
 def run_placement_groups(run_dir: Path) -> set[str]:
