@@ -18,12 +18,13 @@ import time
 from pathlib import Path
 
 import pytest
+from ray.util.placement_group import PlacementGroup, placement_group_table
 
 from distilray.config import load_config
 from distilray.errors import ClusterError
 from distilray.report import load_experiment_summary
 from distilray.train import REPORTED_METRICS, read_metrics
-from distilray.tune import run_tune
+from distilray.tune import run_placement_groups, run_tune
 
 pytestmark = pytest.mark.ray
 
@@ -83,6 +84,11 @@ def test_search_with_bad_values_picks_a_sensible_config_and_asha_stops_weak_tria
     for trial_dir in exp_dir.glob("run_trial_*"):
         for row in result_rows(trial_dir):
             assert set(REPORTED_METRICS) <= set(row), "every report carries every training metric"
+    # killed trials' Train runs hold no CPUs afterwards: every worker placement group is gone
+    groups = set().union(*(run_placement_groups(d) for d in (exp_dir / "runs").iterdir()))
+    assert len(groups) == 6
+    assert {placement_group_table(PlacementGroup(ray_4_cpus.PlacementGroupID(bytes.fromhex(g))))["state"]
+            for g in groups} == {"REMOVED"}
 
     # progress: one line per state change, with the current best
     lines = [r.getMessage() for r in caplog.records if r.name == "distilray.tune"]

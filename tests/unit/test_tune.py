@@ -236,3 +236,16 @@ def test_optuna_is_an_extra_with_a_clear_message(monkeypatch):
     from ray.tune.search.optuna import OptunaSearch
 
     assert isinstance(make_search_alg(cfg), OptunaSearch)
+
+
+def test_run_placement_groups_come_from_the_workers_log(tmp_path):
+    from distilray.tune import run_placement_groups
+
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"event": "worker", "rank": 0, "placement_group": "aa01"},
+        {"event": "worker", "rank": 1, "placement_group": "aa01"},
+        {"event": "restored", "step": 3},
+        {"event": "worker", "rank": 0, "placement_group": "bb02"},  # a restarted worker group
+        {"event": "worker", "rank": 0, "placement_group": None}]))
+    assert run_placement_groups(tmp_path) == {"aa01", "bb02"}
+    assert run_placement_groups(tmp_path / "missing") == set()
