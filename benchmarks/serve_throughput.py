@@ -50,13 +50,20 @@ def free_port() -> int:
 
 
 def load_texts(data: Path, n: int = 872) -> list[str]:
+    """SST-2 validation sentences (real lengths), or the synthetic corpus when absent."""
+    import pyarrow.parquet as pq
+
+    if (data / "validation.parquet").exists():
+        return pq.read_table(data / "validation.parquet").column("text").to_pylist()[:n]
     from distilray.config import DataConfig
     from distilray.data import load_splits
 
-    if data.exists():
-        return load_splits(DataConfig(dataset=str(data)), 2).eval.column("text").to_pylist()[:n]
     cfg = DataConfig(dataset="synthetic:sentiment", synthetic_size=2 * n)
     return load_splits(cfg, 2).eval.column("text").to_pylist()[:n]
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0))
 
 
 def make_checkpoint(model: str, out: Path) -> Path:
@@ -124,16 +131,7 @@ def wait_http(url: str, timeout_s: float = 300) -> None:
     raise RuntimeError(f"{url} did not come up in {timeout_s}s")
 
 
-def run_http(name: str, url: str, texts, levels, duration) -> list[dict]:
-    rows = []
-    for conc, n in levels:
-        lat, elapsed, errors = asyncio.run(http_level(url, texts, conc, n, duration))
-        rows.append(summarize(name, conc, lat, elapsed, errors))
-        print(fmt(rows[-1]), flush=True)
-    return rows
-
-
-def run_naive(ckpt: Path, texts, levels, duration, device: str) -> list[dict]:
+def start_naive(ckpt: Path, device: str) -> tuple[str, subprocess.Popen]:
     port = free_port()
     workdir = Path(tempfile.mkdtemp(prefix="naive-server-"))
     (workdir / "naive_server.py").write_text(NAIVE_SERVER)
@@ -141,64 +139,61 @@ def run_naive(ckpt: Path, texts, levels, duration, device: str) -> list[dict]:
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "naive_server:app", "--host",
                              "127.0.0.1", "--port", str(port), "--log-level", "warning"],
                             cwd=workdir, env=env)
-    try:
-        url = f"http://127.0.0.1:{port}/v1/classify"
-        wait_http(url)
-        return run_http("(a) naive FastAPI + pipeline", url, texts, levels, duration)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    url = f"http://127.0.0.1:{port}/v1/classify"
+    wait_http(url)
+    return url, proc
 
 
-def run_distilray(ckpt: Path, texts, levels, duration, gpu: bool, extra: list[str]) -> list[dict]:
+def start_distilray(ckpt: Path, gpu: bool, extra: list[str]):
     import ray
 
     from distilray.config import load_config
-    from distilray.serve import shutdown_server, start_server
+    from distilray.serve import start_server
 
-    cores = os.cpu_count() or 1
+    cores = cpu_count()
     ray.init(num_cpus=cores, num_gpus=1 if gpu else 0, include_dashboard=False,
              log_to_driver=False)
     cfg = load_config(None, [
         f"serve.port={free_port()}", "serve.min_replicas=1", "serve.max_replicas=1",
-        f"serve.num_cpus={max(1, cores - 1) if gpu else cores}", f"serve.num_gpus={1 if gpu else 0}",
-        "serve.max_batch_size=32", "serve.batch_wait_timeout_s=0.005",
+        # the replica may use every core; its reservation leaves room for the 0.1-CPU Ingress
+        f"serve.num_cpus={max(1, cores - 1) if gpu else cores - 0.5}",
+        f"serve.torch_threads={cores}", f"serve.num_gpus={1 if gpu else 0}",
+        "serve.max_batch_size=32",
         "serve.max_ongoing_requests=64", "serve.target_ongoing_requests=32", *extra])
-    try:
-        url = start_server(cfg, str(ckpt)) + "/v1/classify"
-        wait_http(url)
-        return run_http("(b) distilray serve", url, texts, levels, duration)
-    finally:
-        shutdown_server(cfg)
-        ray.shutdown()
+    url = start_server(cfg, str(ckpt)) + "/v1/classify"
+    wait_http(url)
+    return url, cfg
 
 
-def run_ceiling(ckpt: Path, texts, levels, duration, device: str) -> list[dict]:
-    import torch
+class Ceiling:
+    """(c): `Predictor` forward passes in this process, a batch of `concurrency` texts each."""
 
-    from distilray.serve import Predictor
+    def __init__(self, ckpt: Path, device: str):
+        import torch
 
-    torch.set_num_threads(os.cpu_count() or 1)
-    pred = Predictor(str(ckpt), device=device)
-    rows = []
-    for conc, n in levels:
-        pred.predict(texts[:conc])  # warm-up
-        latencies, done, i = [], 0, 0
+        from distilray.serve import Predictor
+
+        torch.set_num_threads(cpu_count())
+        self.device = device
+        self.pred = Predictor(str(ckpt), device=device)
+
+    def level(self, texts, conc: int, n: int, duration: float) -> tuple:
+        import torch
+
+        self.pred.predict(texts[:conc])  # warm-up
+        latencies: list[float] = []
+        i = 0
         deadline = time.perf_counter() + duration
         t0 = time.perf_counter()
-        while done < n and time.perf_counter() < deadline:
+        while len(latencies) < n and time.perf_counter() < deadline:
             batch = [texts[(i + k) % len(texts)] for k in range(conc)]
             i += conc
             b0 = time.perf_counter()
-            pred.predict(batch)
-            if device != "cpu":
+            self.pred.predict(batch)
+            if self.device != "cpu":
                 torch.cuda.synchronize()
             latencies += [time.perf_counter() - b0] * conc
-            done += conc
-        rows.append(summarize("(c) in-process batched ceiling", conc, latencies,
-                              time.perf_counter() - t0, 0))
-        print(fmt(rows[-1]), flush=True)
-    return rows
+        return latencies, time.perf_counter() - t0, 0
 
 
 def fmt(r: dict) -> str:
@@ -216,6 +211,8 @@ def main() -> None:
                         help="request cap per concurrency level")
     parser.add_argument("--duration", type=float, default=30.0, help="seconds cap per level")
     parser.add_argument("--systems", default="abc", help="which of a, b, c to run")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved rounds; caps are split across them")
     parser.add_argument("--gpu", action="store_true", help="run model on CUDA in all systems")
     parser.add_argument("--serve-set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra config overrides for (b), e.g. serve.max_batch_size=64")
@@ -229,17 +226,50 @@ def main() -> None:
     texts = load_texts(Path(args.data))
     ckpt = Path(args.checkpoint) if args.checkpoint else make_checkpoint(
         args.model, Path(tempfile.mkdtemp(prefix="serve-bench-")))
+    print(f"load average before: {os.getloadavg()[0]:.1f}")
     print(f"model {args.model} ({ckpt}), {len(texts)} texts, mean {np.mean([len(t) for t in texts]):.0f}"
-          f" chars, {os.cpu_count()} CPUs, device {device}, levels {levels}, cap {args.duration}s")
-    print("\n| system | concurrency | requests/s | p50 ms | p99 ms | requests | errors |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |", flush=True)
-    rows = []
+          f" chars, {cpu_count()} CPUs, device {device}, levels {levels}, cap {args.duration}s")
+    names = {"c": "(c) in-process batched ceiling", "a": "(a) naive FastAPI + pipeline",
+             "b": "(b) distilray serve"}
+    runners, cleanup = {}, []
     if "c" in args.systems:
-        rows += run_ceiling(ckpt, texts, levels, args.duration, device)
+        ceiling = Ceiling(ckpt, device)
+        runners["c"] = ceiling.level
     if "a" in args.systems:
-        rows += run_naive(ckpt, texts, levels, args.duration, device)
+        url_a, proc = start_naive(ckpt, device)
+        cleanup.append(lambda: (proc.terminate(), proc.wait(timeout=30)))
+        runners["a"] = lambda t, c, n, d, u=url_a: asyncio.run(http_level(u, t, c, n, d))
     if "b" in args.systems:
-        rows += run_distilray(ckpt, texts, levels, args.duration, args.gpu, args.serve_set)
+        url_b, cfg = start_distilray(ckpt, args.gpu, args.serve_set)
+
+        def stop_b(cfg=cfg):
+            import ray
+
+            from distilray.serve import shutdown_server
+            shutdown_server(cfg)
+            ray.shutdown()
+        cleanup.append(stop_b)
+        runners["b"] = lambda t, c, n, d, u=url_b: asyncio.run(http_level(u, t, c, n, d))
+    # Interleave systems level by level, round after round, so that load from anything else
+    # on the machine falls on all three alike; each round gets 1/rounds of the caps.
+    pooled = {(k, c): ([], 0.0, 0) for k in runners for c, _ in levels}
+    try:
+        for _ in range(args.rounds):
+            for conc, n in levels:
+                for key, run in runners.items():
+                    lat, elapsed, errors = run(texts, conc, max(conc, n // args.rounds),
+                                               args.duration / args.rounds)
+                    old = pooled[(key, conc)]
+                    pooled[(key, conc)] = (old[0] + lat, old[1] + elapsed, old[2] + errors)
+    finally:
+        for stop in cleanup:
+            stop()
+    rows = [summarize(names[k], c, *pooled[(k, c)]) for k in runners for c, _ in levels]
+    print("\n| system | concurrency | requests/s | p50 ms | p99 ms | requests | errors |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        print(fmt(r))
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
 
     by = {(r["system"][:3], r["concurrency"]): r for r in rows}
     print("\n| concurrency | (b)/(a) req/s | (b) p99 / (a) p99 | (b)/(c) req/s |")

@@ -150,7 +150,9 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = _opt(8000, ge=1, le=65535)
     max_batch_size: int = _opt(32, ge=1)
-    batch_wait_timeout_s: float = _opt(0.01, ge=0.0)
+    batch_wait_timeout_s: float = _opt(0.0, ge=0.0)
+    """Wait this long for more texts before a forward pass; 0 still batches everything that
+    queued while the previous pass ran, without delaying a lone request."""
     min_replicas: int = _opt(1, ge=0)
     max_replicas: int = _opt(2, ge=1)
     initial_replicas: int | None = _opt(None, ge=0)
@@ -183,6 +185,8 @@ class ServeConfig:
     health_check_period_s: float = _opt(10.0, gt=0.0)
     ingress_replicas: int = _opt(1, ge=1)
     """Replicas of the light HTTP front (validation, auth, retries); 2+ for high availability."""
+    access_log: bool = True
+    """One log line per request in the replica logs (turn off at very high request rates)."""
 
 
 @dataclass(frozen=True)

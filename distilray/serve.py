@@ -11,6 +11,7 @@ routes (built per config, inside `make_deployment`) from real annotations.
 """
 
 import asyncio
+import collections
 import hashlib
 import hmac
 import json
@@ -21,7 +22,7 @@ import shutil
 import subprocess
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any
@@ -213,13 +214,96 @@ class Predictor:
 
 
 def quantize_int8(model: Any) -> Any:
-    """Dynamic int8 quantisation of every nn.Linear (weights int8, activations quantised per batch)."""
+    """Dynamic int8 quantisation of every nn.Linear, one weight scale per output channel.
+
+    Per-tensor scales cost MiniLM-on-SST-2 a point of accuracy and 6% of its predictions;
+    per-channel keeps accuracy and agrees with fp32 on ~98% of sentences.
+    """
     import torch
-    from torch.ao.quantization import quantize_dynamic
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch marks the eager quantisation API deprecated
-        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        return quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig},
+                                dtype=torch.qint8)
+
+
+class TextBatcher:
+    """Continuous batching: one forward pass at a time, over every text queued meanwhile.
+
+    `serve.batch` (Ray 2.60) keeps forming batches while a forward pass runs and queues them
+    behind `max_concurrent_batches`, so under load it forwards many batches of one or two
+    texts. Here a batch is formed only when the model is free: it takes every waiting request
+    (up to `max_batch_size` texts), and waits `wait_s` for more only if it is not full.
+    A lone request is therefore never delayed when `wait_s` is 0.
+    """
+
+    def __init__(self, run: Callable[[list[str]], list[Any]], max_batch_size: int,
+                 wait_s: float = 0.0, on_batch: Callable[[int], None] | None = None):
+        self.run, self.max_batch_size, self.wait_s = run, max_batch_size, wait_s
+        self.on_batch = on_batch
+        self.pending: collections.deque[tuple[list[str], asyncio.Future]] = collections.deque()
+        self.queued_texts = 0
+        self._wakeup: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+
+    async def submit(self, texts: list[str]) -> list[Any]:
+        """Predictions for `texts`, computed in a shared forward pass."""
+        loop = asyncio.get_running_loop()
+        if self._worker is None or self._worker.done():
+            self._wakeup = asyncio.Event()
+            self._worker = loop.create_task(self._loop())
+        future = loop.create_future()
+        self.pending.append((list(texts), future))
+        self.queued_texts += len(texts)
+        assert self._wakeup is not None
+        self._wakeup.set()
+        return await future
+
+    def _take(self) -> list[tuple[list[str], asyncio.Future]]:
+        batch: list[tuple[list[str], asyncio.Future]] = []
+        size = 0
+        while self.pending:
+            texts, future = self.pending[0]
+            if future.done():  # cancelled by its caller (timeout, disconnect): skip it
+                self.pending.popleft()
+                self.queued_texts -= len(texts)
+                continue
+            if batch and size + len(texts) > self.max_batch_size:
+                break
+            self.pending.popleft()
+            self.queued_texts -= len(texts)
+            batch.append((texts, future))
+            size += len(texts)
+        return batch
+
+    async def _loop(self) -> None:
+        assert self._wakeup is not None
+        while True:
+            if not self.pending:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            if self.wait_s > 0 and self.queued_texts < self.max_batch_size:
+                await asyncio.sleep(self.wait_s)  # let a lightly loaded batch fill up
+            batch = self._take()
+            if not batch:
+                continue
+            flat = [t for texts, _ in batch for t in texts]
+            if self.on_batch is not None:
+                self.on_batch(len(flat))
+            try:
+                # a worker thread, so the event loop keeps accepting and queueing requests
+                preds = await asyncio.to_thread(self.run, flat)
+            except Exception as exc:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            i = 0
+            for texts, future in batch:
+                if not future.done():
+                    future.set_result(preds[i: i + len(texts)])
+                i += len(texts)
 
 
 # --------------------------------------------------------------------------- HTTP schema
@@ -325,6 +409,41 @@ def describe_validation_errors(errors: Sequence[dict[str, Any]], body: Any, max_
                               message="; ".join(i.message for i in items[:5]), detail=items)
 
 
+class StatusMetricsMiddleware:
+    """Count every answer by route and status, 4xx included (plain ASGI: ~µs per request)."""
+
+    def __init__(self, app: Any):
+        self.app = app
+        self.requests: Any = None
+        self.latency: Any = None
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.requests is None:  # created in the replica process, on first use
+            from ray.serve.metrics import Counter, Histogram
+
+            self.requests = Counter("distilray_requests", "HTTP requests answered, by status",
+                                    tag_keys=("route", "status"))
+            self.latency = Histogram("distilray_request_latency_ms", "Ingress-side latency",
+                                     boundaries=LATENCY_BOUNDARIES_MS, tag_keys=("route",))
+        t0 = time.perf_counter()
+        status = [500]
+
+        async def send_and_record(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.requests.inc(tags={"route": route, "status": str(status[0])})
+            self.latency.observe((time.perf_counter() - t0) * 1000, tags={"route": route})
+
+
 def error_json(status: int, error: str, message: str, **headers: str) -> Any:
     from fastapi.responses import JSONResponse
 
@@ -375,17 +494,19 @@ def deployment_options(cfg: ServeConfig) -> list[dict[str, Any]]:
     actor: dict[str, Any] = {"num_cpus": cfg.num_cpus}
     if cfg.num_gpus > 0:
         actor["num_gpus"] = cfg.num_gpus
-    backpressure = {"status_code": 503, "retry_after_s": cfg.retry_after_s}
-    health = {"health_check_period_s": cfg.health_check_period_s, "health_check_timeout_s": 30.0,
-              "graceful_shutdown_timeout_s": cfg.request_timeout_s + 5.0}
+    def health() -> dict[str, Any]:  # a fresh dict per deployment: no YAML aliases
+        return {"health_check_period_s": cfg.health_check_period_s,
+                "health_check_timeout_s": 30.0,
+                "graceful_shutdown_timeout_s": cfg.request_timeout_s + 5.0,
+                "logging_config": {"enable_access_log": cfg.access_log}}
     classifier = {
         "name": CLASSIFIER_NAME,
         "max_ongoing_requests": cfg.max_ongoing_requests,
         "max_queued_requests": cfg.max_queued_requests,
-        "backpressure_config": backpressure,
+        "backpressure_config": {"status_code": 503, "retry_after_s": cfg.retry_after_s},
         "autoscaling_config": autoscaling,
         "ray_actor_options": actor,
-        **health,
+        **health(),
     }
     ingress = {
         "name": INGRESS_NAME,
@@ -393,9 +514,9 @@ def deployment_options(cfg: ServeConfig) -> list[dict[str, Any]]:
         # enough slots to keep every Classifier replica busy; beyond that, queue then 503
         "max_ongoing_requests": cfg.max_ongoing_requests * cfg.max_replicas,
         "max_queued_requests": cfg.max_queued_requests,
-        "backpressure_config": backpressure,
+        "backpressure_config": {"status_code": 503, "retry_after_s": cfg.retry_after_s},
         "ray_actor_options": {"num_cpus": INGRESS_NUM_CPUS},
-        **health,
+        **health(),
     }
     return [ingress, classifier]
 
@@ -453,10 +574,6 @@ def bind_app(checkpoint: str, cfg: ServeConfig, env_vars: dict[str, str] | None 
     return ingress_cls.options(**ingress_opts).bind(classifier, settings)
 
 
-def _count_texts(chunks: list[list[str]]) -> int:
-    return sum(len(c) for c in chunks)
-
-
 def make_deployments(cfg: ServeConfig) -> tuple[Any, Any]:
     """The two Serve deployment classes for this config: (Ingress, Classifier)."""
     from fastapi import FastAPI, Request
@@ -483,22 +600,7 @@ def make_deployments(cfg: ServeConfig) -> tuple[Any, Any]:
         504: {"model": ErrorResponse, "description": "Classification took longer than the request timeout"},
     }
 
-    metrics: dict[str, Any] = {}  # created in the replica process on first use
-
-    @app.middleware("http")
-    async def _count(request: Request, call_next: Any) -> Any:
-        """Count every answer by route and status (validation errors and 401s included)."""
-        t0 = time.perf_counter()
-        response = await call_next(request)
-        if not metrics:
-            metrics["requests"] = Counter("distilray_requests", "HTTP requests answered, by status",
-                                          tag_keys=("route", "status"))
-            metrics["latency"] = Histogram("distilray_request_latency_ms", "Ingress-side latency",
-                                           boundaries=LATENCY_BOUNDARIES_MS, tag_keys=("route",))
-        route = getattr(request.scope.get("route"), "path", "unmatched")
-        metrics["requests"].inc(tags={"route": route, "status": str(response.status_code)})
-        metrics["latency"].observe((time.perf_counter() - t0) * 1000, tags={"route": route})
-        return response
+    app.add_middleware(StatusMetricsMiddleware)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -514,7 +616,7 @@ def make_deployments(cfg: ServeConfig) -> tuple[Any, Any]:
 
     @serve.deployment(name=CLASSIFIER_NAME)
     class ClassifierDeployment:
-        """One model replica: a Predictor behind a `serve.batch` queue counted in texts."""
+        """One model replica: a Predictor behind a continuous-batching queue of texts."""
 
         def __init__(self, checkpoint: str, settings: dict[str, Any]):
             import torch
@@ -530,7 +632,8 @@ def make_deployments(cfg: ServeConfig) -> tuple[Any, Any]:
             self._queue = Gauge("distilray_queue_length",
                                 "Texts waiting for or in a forward pass on this replica")
             self._texts = Counter("distilray_texts", "Texts classified")
-            self._pending = 0
+            self._batcher = TextBatcher(self._forward, s.max_batch_size, s.batch_wait_timeout_s,
+                                        on_batch=self._batch_formed)
             self._failures = 0
             t0 = time.perf_counter()
             self._predictor.predict(["warm-up forward pass"])
@@ -539,32 +642,22 @@ def make_deployments(cfg: ServeConfig) -> tuple[Any, Any]:
                      self._predictor.info["id"], device, s.backend, threads, self._warmup_ms)
 
         async def classify(self, texts: list[str]) -> list[Prediction]:
-            self._pending += len(texts)
-            self._queue.set(self._pending)
-            try:
-                return await self._classify_batch(texts)
-            finally:
-                self._pending -= len(texts)
-                self._queue.set(self._pending)
+            self._queue.set(self._batcher.queued_texts + len(texts))
+            return await self._batcher.submit(texts)
 
-        @serve.batch(max_batch_size=cfg.max_batch_size, batch_size_fn=_count_texts,
-                     batch_wait_timeout_s=cfg.batch_wait_timeout_s)
-        async def _classify_batch(self, requests: list[list[str]]) -> list[list[Prediction]]:
-            flat = [t for texts in requests for t in texts]
-            self._batch_size.observe(len(flat))
+        def _forward(self, texts: list[str]) -> list[Prediction]:
             try:
-                # a worker thread, so the event loop keeps accepting and queueing requests
-                preds = await asyncio.to_thread(self._predictor.predict, flat)
+                preds = self._predictor.predict(texts)
             except Exception:
                 self._failures += 1
                 raise
             self._failures = 0
-            self._texts.inc(len(flat))
-            out, i = [], 0
-            for texts in requests:
-                out.append(preds[i: i + len(texts)])
-                i += len(texts)
-            return out
+            self._texts.inc(len(texts))
+            return preds
+
+        def _batch_formed(self, size: int) -> None:
+            self._batch_size.observe(size)
+            self._queue.set(self._batcher.queued_texts)
 
         def info(self) -> dict[str, Any]:
             p = self._predictor
@@ -640,9 +733,9 @@ def make_deployments(cfg: ServeConfig) -> tuple[Any, Any]:
                 for task in tasks:
                     task.cancel()
             info = await self._model_info()
-            preds = [p for chunk in results for p in chunk]
-            return ClassifyResponse(model=info["model"], checkpoint=info["checkpoint"]["id"],
-                                    predictions=[PredictionOut(**asdict(p)) for p in preds])
+            # built by hand: ClassifyResponse documents it, re-validating it costs per request
+            return JSONResponse({"model": info["model"], "checkpoint": info["checkpoint"]["id"],
+                                 "predictions": [asdict(p) for chunk in results for p in chunk]})
 
         @app.get("/healthz", summary="The HTTP front is up")
         async def healthz(self) -> dict[str, str]:
@@ -812,7 +905,11 @@ def serve_main(cfg: Config, args: Any) -> int:
                                     getattr(args, "experiment", None))
     if getattr(args, "emit_config", None):
         local = Path(checkpoint).expanduser()
-        ckpt = str(local.resolve()) if local.is_dir() else checkpoint  # else: a path in the pod
+        if local.exists():
+            ckpt = str(check_checkpoint(checkpoint))
+        else:  # a path that exists where the config is deployed (a volume in the pods)
+            log.info("%s does not exist here; writing it as given", checkpoint)
+            ckpt = checkpoint
         text = "# Generated by `distilray serve --emit-config`. Use with `serve run FILE`,\n" \
                "# `serve deploy FILE`, or paste it as a RayService's serveConfigV2.\n" + \
                _yaml_dump(emit_serve_config(cfg, ckpt))

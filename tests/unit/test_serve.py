@@ -188,6 +188,7 @@ def test_emitted_config_is_a_valid_serve_config_and_round_trips():
                                              "serve.host=0.0.0.0"])
     emitted = emit_serve_config(cfg, "/models/best")
     text = yaml.safe_dump(emitted, sort_keys=False)
+    assert "&id" not in text  # no YAML aliases: the text is pasted into RayService manifests
     schema = ServeDeploySchema.model_validate(yaml.safe_load(text))
     app = schema.applications[0]
     assert app.import_path == IMPORT_PATH == "distilray.serve:build_app"
@@ -230,3 +231,63 @@ def test_client_reads_texts_from_args_and_file(tmp_path):
         read_texts([], None)
     with pytest.raises(DistilrayError, match="cannot read"):
         read_texts([], str(tmp_path / "missing.txt"))
+
+
+def test_batcher_merges_everything_queued_during_a_forward_pass():
+    import asyncio
+    import threading
+    import time
+
+    from distilray.serve import TextBatcher
+
+    sizes: list[int] = []
+    release = threading.Event()
+
+    def run(texts):
+        sizes.append(len(texts))
+        if len(sizes) == 1:
+            release.wait(5)  # hold the first pass while 20 more requests queue up
+        return [t.upper() for t in texts]
+
+    async def main():
+        batcher = TextBatcher(run, max_batch_size=16, on_batch=lambda n: None)
+        first = asyncio.create_task(batcher.submit(["a"]))
+        await asyncio.sleep(0.05)
+        rest = [asyncio.create_task(batcher.submit([f"t{i}", f"u{i}"])) for i in range(10)]
+        await asyncio.sleep(0.05)
+        release.set()
+        t0 = time.perf_counter()
+        results = await asyncio.gather(first, *rest)
+        lone = await batcher.submit(["solo"])  # model idle, wait_s=0: runs at once
+        return results, lone, time.perf_counter() - t0
+
+    results, lone, _ = asyncio.run(main())
+    assert sizes == [1, 16, 4, 1]  # 20 queued texts → one full batch of 16, then the rest
+    assert results[0] == ["A"] and results[3] == ["T2", "U2"]
+    assert lone == ["SOLO"]
+
+
+def test_batcher_propagates_errors_and_skips_cancelled_requests():
+    import asyncio
+
+    from distilray.serve import TextBatcher
+
+    seen: list[list[str]] = []
+
+    def run(texts):
+        seen.append(list(texts))
+        if "boom" in texts:
+            raise ValueError("forward failed")
+        return texts
+
+    async def main():
+        batcher = TextBatcher(run, max_batch_size=8, wait_s=0.05)
+        doomed = asyncio.create_task(batcher.submit(["cancel-me"]))
+        await asyncio.sleep(0)
+        doomed.cancel()
+        with pytest.raises(ValueError, match="forward failed"):
+            await batcher.submit(["boom", "x"])
+        return await batcher.submit(["fine"])
+
+    assert asyncio.run(main()) == ["fine"]
+    assert ["cancel-me"] not in seen and seen[0] == ["boom", "x"]
