@@ -71,33 +71,38 @@ def test_every_checkpoint_loads_with_transformers_pipeline(ray_4_cpus, tmp_path)
 
 
 def test_killed_worker_restarts_from_latest_checkpoint(ray_4_cpus, tmp_path):
-    cfg = tiny_cfg(tmp_path, "kill", "train.num_workers=2", "train.batch_size=8", "train.epochs=3",
+    cfg = tiny_cfg(tmp_path, "kill", "train.num_workers=2", "train.batch_size=8", "train.epochs=6",
                    "train.eval_every_steps=8", "train.max_failures=2")
     run_dir = tmp_path / "kill"
     outcome: dict = {}
     thread = threading.Thread(target=lambda: outcome.update(run_training(cfg)), daemon=True)
     thread.start()
     deadline = time.time() + 240
-    killed_at = None
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    killed_at = registered = None
     while time.time() < deadline and killed_at is None:
+        # Kill rank 1 a few steps after Ray's controller has registered a checkpoint: one that
+        # is only on disk (reported, not yet polled) is not what a restarted group resumes from.
         steps = [r["step"] for r in train_records(run_dir)]
-        evals = train_records(run_dir, "eval")
-        if evals and steps and steps[-1] >= evals[-1]["step"] + 3 and steps[-1] >= 12:
-            victim = next(w for w in train_records(run_dir, "worker") if w["rank"] == 1)
-            os.kill(victim["pid"], signal.SIGKILL)
-            killed_at = steps[-1]
-        time.sleep(0.2)
+        if steps and snapshot.exists():
+            names = [c["checkpoint_dir_name"] for c in json.loads(snapshot.read_text())["checkpoint_results"]]
+            latest = max((int(n.removeprefix("checkpoint-step")) for n in names), default=0)
+            if latest and steps[-1] >= latest + 3:
+                victim = next(w for w in train_records(run_dir, "worker") if w["rank"] == 1)
+                os.kill(victim["pid"], signal.SIGKILL)
+                killed_at, registered = steps[-1], latest
+        time.sleep(0.05)
     assert killed_at is not None, "training never reached the kill point"
     thread.join(timeout=300)
     assert not thread.is_alive() and outcome, "run did not finish after the worker was killed"
     records = read_metrics(run_dir)
     restored = [r for r in records if r["event"] == "restored"]
     assert len(restored) == 1
-    last_ckpt_before_kill = max(r["step"] for r in records[:records.index(restored[0])] if r["event"] == "eval")
-    assert restored[0]["step"] == last_ckpt_before_kill > 0
+    assert restored[0]["step"] >= registered > 0, (restored, registered)
+    assert restored[0]["step"] in {r["step"] for r in records if r["event"] == "eval"}
     after = [r["step"] for r in records[records.index(restored[0]):] if r["event"] == "train"]
     assert after[0] == restored[0]["step"] + 1, "the global step continues from the checkpoint"
-    assert after[-1] == outcome["total_steps"] == 3 * (540 // 16)
+    assert after[-1] == outcome["total_steps"] == 6 * (540 // 16)
     assert len({w["pid"] for w in train_records(run_dir, "worker")}) == 4  # a new worker group
 
 
