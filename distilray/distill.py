@@ -265,9 +265,12 @@ def distill_step_loss(cfg: Config, student_logits: torch.Tensor, batch: dict[str
                       student_hidden: torch.Tensor | None = None) -> torch.Tensor:
     """The worker's loss for one batch: KD (+ cosine on last hidden states when configured)."""
     import torch
+    import torch.nn.functional as F
 
     d = cfg.distill
     teacher_hidden = None
+    if d.alpha == 0.0 and not (student_hidden is not None and d.cosine_weight > 0):
+        return F.cross_entropy(student_logits, batch["labels"])  # no soft term: skip the teacher
     if teacher is not None:
         with torch.inference_mode():
             out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -354,7 +357,11 @@ def precompute_teacher_logits(run: PreparedRun, batch_size: int = 64) -> pa.Tabl
                 return table.select(["teacher_logits"])
     quiet_ray_data()
     started = time.time()
-    rows = pa.table({"row": pa.array(range(len(texts)), pa.int64()), "text": pa.array(texts, pa.string())})
+    # Longest first, so each batch pads little and the slowest batches start early; `row`
+    # restores the training order afterwards.
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    rows = pa.table({"row": pa.array(order, pa.int64()),
+                     "text": pa.array([texts[i] for i in order], pa.string())})
     actors = max(1, cfg.train.num_workers)
     ds = ray.data.from_arrow(rows).map_batches(
         TeacherLogits, batch_format="pyarrow", batch_size=batch_size,

@@ -214,10 +214,15 @@ def save_checkpoint(directory: Path, model, tokenizer, optimizer, scheduler, sca
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "step": step, "epoch": epoch}, directory / TRAINING_STATE)
-    (directory / CHECKPOINT_META).write_text(json.dumps({
-        "run_name": cfg.train.name, "step": step, "epoch": epoch, "metrics": metrics,
-        "model_name": cfg.model.name, "max_length": cfg.data.max_length,
-        "label_names": cfg.model.label_names}, indent=2))
+    meta = {"run_name": cfg.train.name, "step": step, "epoch": epoch, "metrics": metrics,
+            "model_name": cfg.model.name, "max_length": cfg.data.max_length,
+            "label_names": cfg.model.label_names}
+    if cfg.distill.teacher:  # a student: model.name is only the teacher whose vocabulary it reads
+        d = cfg.distill
+        meta["model_name"] = d.student
+        meta["distill"] = {"teacher": d.teacher, "student": d.student, "temperature": d.temperature,
+                           "alpha": d.alpha, "cosine_weight": d.cosine_weight}
+    (directory / CHECKPOINT_META).write_text(json.dumps(meta, indent=2))
 
 
 def _all_reduce_sum(values: list[float], device) -> list[float]:

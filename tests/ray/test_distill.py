@@ -108,8 +108,16 @@ def test_both_teacher_logit_modes_train_the_same_student(tiny_teacher, tmp_path,
     result = json.loads((fly_dir / "result.json").read_text())
     clf = pipeline("text-classification", model=result["best_checkpoint"])
     assert clf.model.config.n_layers == 1
-    out = clf(["the plot was brilliant and moving", "the acting was dull and boring"])
-    assert [o["label"] for o in out] == ["positive", "negative"]
+    texts = ["the plot was brilliant and moving", "the acting was dull and boring"]
+    assert [o["label"] for o in clf(texts)] == ["positive", "negative"]
+    # ... and what `distilray serve` loads, naming the student and its teacher
+    from distilray.serve import Predictor
+
+    served = Predictor(result["best_checkpoint"], max_length=64)
+    assert served.model_name == "layers:1" and served.info["run_name"] == "fly"
+    assert [p.label for p in served.predict(texts)] == ["positive", "negative"]
+    meta = json.loads(Path(result["best_checkpoint"], "distilray.json").read_text())
+    assert meta["distill"]["teacher"] == str(Path(tiny_teacher).resolve())
 
 
 def test_tune_searches_temperature_and_alpha(tiny_teacher, tmp_path):
@@ -135,3 +143,32 @@ def test_tune_searches_temperature_and_alpha(tiny_teacher, tmp_path):
     # the searched T reached the loss: same batches and start, different soft targets
     assert losses[1.0][0] != pytest.approx(losses[4.0][0], abs=1e-4)
     assert len(list((runs_dir / LOGITS_CACHE_DIR).glob("*.parquet"))) == 1  # one teacher pass for all trials
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2700)  # may train the session's SST-2 teacher first (~8 min, ~20 min on a busy machine)
+def test_sst2_student_keeps_97_percent_and_is_faster(sst2_checkpoint, sst2_dir, tmp_path):
+    """Issue 8, acceptance 2: layers:3 of the SST-2 teacher, distilled with configs/distill.yaml.
+
+    The alpha = 0 student beside it is trained by benchmarks/distill.py (same config), which
+    keeps this test to one student run inside CI's time budget.
+    """
+    from distilray.data import load_splits
+    from distilray.distill import measure_checkpoints, render_report, retention
+
+    cfg = load_config(REPO / "configs" / "distill.yaml", [
+        f"distill.teacher={sst2_checkpoint}", "distill.student=layers:3", f"data.dataset={sst2_dir}",
+        "train.num_workers=2", f"train.storage_path={tmp_path}", "train.log_every_steps=50",
+        "train.max_failures=0", "train.name=kd"])
+    kd = run_distillation(cfg)
+    ev = load_splits(cfg.data, 2).eval
+    scores = measure_checkpoints({"teacher": sst2_checkpoint, "student (KD)": kd["best_checkpoint"]},
+                                 ev.column("text").to_pylist(), ev.column("label").to_pylist(), 128)
+    report = render_report(scores)
+    print("\n" + report)
+    teacher, student = scores
+    assert teacher.accuracy >= 0.83 and teacher.layers == 6 and student.layers == 3
+    r = retention(scores)["student (KD)"]
+    assert r["accuracy_retention"] >= 0.97, report
+    assert r["speedup"] >= 1.6, report
+    assert student.parameters < 0.8 * teacher.parameters, report

@@ -320,3 +320,12 @@ def test_report_table_and_retention():
     r = retention(scores)["student"]
     assert r["accuracy_retention"] == pytest.approx(0.83 / 0.85)
     assert r["speedup"] == pytest.approx(1.9) and r["size_ratio"] == pytest.approx(60 / 90)
+
+
+def test_alpha_zero_step_loss_is_cross_entropy_without_a_teacher_pass(teacher_dir):
+    cfg = distill_cfg(teacher_dir, "distill.alpha=0.0")
+    logits = torch.tensor([[0.3, -0.2], [1.0, 2.0]])
+    labels = torch.tensor([1, 1])
+    # neither a teacher nor teacher_logits: the alpha = 0 baseline never needs them
+    loss = distill_step_loss(cfg, logits, {"labels": labels}, teacher=None)
+    assert torch.equal(loss, torch.nn.functional.cross_entropy(logits, labels))
