@@ -1,0 +1,68 @@
+"""A real SST-2 checkpoint served over HTTP: accuracy, agreement with `transformers.pipeline`,
+and the int8 backend's accuracy against fp32."""
+
+from __future__ import annotations
+
+import socket
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from distilray.client import classify
+from distilray.config import load_config
+from distilray.serve import Predictor, shutdown_server, start_server
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def sst2_validation(sst2_dir) -> tuple[list[str], np.ndarray]:
+    table = pq.read_table(sst2_dir / "validation.parquet")
+    return table.column("text").to_pylist(), np.asarray(table.column("label").to_pylist())
+
+
+def test_served_sst2_checkpoint_is_accurate_and_matches_pipeline(ray_4_cpus, sst2_checkpoint,
+                                                                 sst2_validation):
+    from transformers import pipeline
+
+    texts, labels = sst2_validation
+    cfg = load_config(None, [f"serve.port={free_port()}", "serve.app_name=sst2",
+                             "serve.route_prefix=/sst2", "serve.min_replicas=1",
+                             "serve.max_replicas=1", "serve.num_cpus=1", "serve.max_texts=64"])
+    url = start_server(cfg, sst2_checkpoint)
+    try:
+        preds = classify(url, texts, batch_size=64)
+    finally:
+        shutdown_server(cfg)
+    label_names = sorted({p["label"] for p in preds} | {"negative", "positive"})
+    assert label_names == ["negative", "positive"]
+    pipe = pipeline("text-classification", model=sst2_checkpoint, top_k=None, device="cpu",
+                    truncation=True, max_length=128)
+    reference = pipe(texts, batch_size=32)
+    ref_positive = np.asarray([{d["label"]: d["score"] for d in r}["positive"] for r in reference])
+    http_positive = np.asarray([p["probabilities"]["positive"] for p in preds])
+    assert [p["label"] for p in preds] == [max(r, key=lambda d: d["score"])["label"]
+                                           for r in reference]
+    np.testing.assert_allclose(http_positive, ref_positive, atol=1e-4)
+
+    predicted = np.asarray([0 if p["label"] == "negative" else 1 for p in preds])
+    accuracy = float((predicted == labels).mean())
+    assert len(preds) == len(texts) == 872
+    assert accuracy >= 0.85, f"accuracy over HTTP {accuracy:.4f}"
+
+
+def test_int8_backend_keeps_sst2_accuracy(sst2_checkpoint, sst2_validation):
+    texts, labels = sst2_validation
+    fp32 = Predictor(sst2_checkpoint, backend="torch").logits(texts).argmax(axis=1)
+    int8 = Predictor(sst2_checkpoint, backend="int8").logits(texts).argmax(axis=1)
+    acc32, acc8 = float((fp32 == labels).mean()), float((int8 == labels).mean())
+    agreement = float((fp32 == int8).mean())
+    assert acc8 >= acc32 - 0.01, f"int8 {acc8:.4f} vs fp32 {acc32:.4f}"
+    assert agreement >= 0.97, f"int8 agrees with fp32 on {agreement:.1%} of sentences"
