@@ -5,7 +5,9 @@
 (a) reference: Hugging Face `Trainer`, padding to max_length 128, batch 16, one process;
 (b) `distilray train` (Ray Train + Ray Data, dynamic padding) with 1 and 2 workers;
 (c) a plain torch loop on exactly the batches distilray's 1-worker run trains on, to isolate
-    the overhead of Ray Train itself.
+    the overhead of Ray Train itself;
+(a', b') (a) and (b) again with bf16 autocast (`train.mixed_precision=bf16`, Trainer `bf16=True`),
+    which runs on CPUs with native bf16 (AVX512-BF16/AMX); fp32 remains the reference.
 Same model (offline:minilm), machine, rows and batch 16 per optimizer step throughout.
 samples/s is measured over `--steps` optimizer steps after `--warmup` steps. Ratios are
 printed against (a), and (b, 1 worker) against (c).
@@ -40,7 +42,7 @@ def subset(name: str, rows: int) -> pa.Table:
     return load_splits(DataConfig(dataset=str(SHARED / name), max_train_samples=rows, seed=0), 2).train
 
 
-def hf_trainer_rate(table: pa.Table, steps: int, warmup: int, threads: int) -> float:
+def hf_trainer_rate(table: pa.Table, steps: int, warmup: int, threads: int, bf16: bool = False) -> float:
     """Reference: transformers.Trainer, padding="max_length" (128), batch 16, 1 process."""
     import datasets
     from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -63,7 +65,7 @@ def hf_trainer_rate(table: pa.Table, steps: int, warmup: int, threads: int) -> f
         args = TrainingArguments(output_dir=out, per_device_train_batch_size=16, learning_rate=2e-5,
                                  weight_decay=0.01, max_steps=warmup + steps, report_to=[],
                                  save_strategy="no", logging_strategy="no", use_cpu=True,
-                                 dataloader_num_workers=0, disable_tqdm=True)
+                                 dataloader_num_workers=0, disable_tqdm=True, bf16=bf16)
         Trainer(model=model, args=args, train_dataset=ds, callbacks=[Clock()]).train()
     return steps * 16 / (marks[warmup + steps] - marks[warmup])
 
@@ -98,7 +100,7 @@ def plain_loop_rate(table: pa.Table, steps: int, warmup: int, threads: int) -> f
 
 
 def distilray_rate(data_dir: Path, workers: int, steps: int, warmup: int, storage: Path,
-                   name: str) -> float:
+                   name: str, bf16: bool = False) -> float:
     """`distilray train` on the same rows; rate from its own step log (rank 0, global)."""
     cpus = max(1, (os.cpu_count() or 2) // workers)
     cfg = load_config(None, [
@@ -106,7 +108,7 @@ def distilray_rate(data_dir: Path, workers: int, steps: int, warmup: int, storag
         "train.lr=2e-5", f"train.batch_size={16 // workers}", f"train.num_workers={workers}",
         f"train.cpus_per_worker={cpus}", f"train.max_steps={warmup + steps}", "train.epochs=1",
         "train.log_every_steps=1", "train.max_failures=0", f"train.storage_path={storage}",
-        f"train.name={name}"])
+        f"train.name={name}", *(["train.mixed_precision=bf16"] if bf16 else [])])
     result = run_training(cfg)
     log = [r for r in read_metrics(result["run_dir"]) if r["event"] == "train"]
     first = next(r for r in log if r["step"] == warmup)
@@ -119,6 +121,8 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=["sst2", "imdb"])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--no-bf16", action="store_true",
+                        help="skip the bf16-autocast rows (for CPUs without native bf16)")
     args = parser.parse_args()
     threads = os.cpu_count() or 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -139,6 +143,13 @@ def main() -> None:
             for workers in (1, 2):
                 r[f"distilray train, {workers} worker(s) (b)"] = distilray_rate(
                     data_dir, workers, args.steps, args.warmup, Path(tmp) / "runs", f"{name}-{workers}w")
+            if not args.no_bf16:  # same runs with bf16 autocast, for the reference too
+                r["HF Trainer, pad 128, bf16 autocast (a')"] = hf_trainer_rate(
+                    table, args.steps, args.warmup, threads, bf16=True)
+                for workers in (1, 2):
+                    r[f"distilray train, {workers} worker(s), bf16 (b')"] = distilray_rate(
+                        data_dir, workers, args.steps, args.warmup, Path(tmp) / "runs",
+                        f"{name}-{workers}w-bf16", bf16=True)
             results[name] = r
     ray.shutdown()
     for name, r in results.items():

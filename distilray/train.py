@@ -281,7 +281,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         teacher = load_teacher(cfg).to(device)
     optimizer = build_optimizer(model, tc.lr, tc.weight_decay)
     scheduler = build_scheduler(optimizer, tc.scheduler, plan.total_steps, tc.warmup_ratio)
-    use_amp = device.type == "cuda" and tc.mixed_precision != "no"
+    use_amp = cpu_autocast_ok(tc.mixed_precision, rank) if device.type == "cpu" else tc.mixed_precision != "no"
     amp_dtype = torch.bfloat16 if tc.mixed_precision == "bf16" else torch.float16
     scaler = torch.amp.GradScaler("cuda") if use_amp and tc.mixed_precision == "fp16" else None
 
@@ -314,8 +314,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard("eval")
     accum = tc.grad_accum_steps
-    batches = train_shard.iter_torch_batches(batch_size=tc.batch_size, collate_fn=collate,
-                                             prefetch_batches=2)
+    batches = TimedIterator(train_shard.iter_torch_batches(batch_size=tc.batch_size, collate_fn=collate,
+                                                           prefetch_batches=2))
     skip = step * accum
 
     def evaluate_and_report(train_loss: float | None) -> None:
@@ -394,12 +394,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if rank == 0:
                 rate = rows / elapsed if elapsed > 0 else 0.0
                 eta = (plan.total_steps - step) * (tc.batch_size * world * accum) / rate if rate else 0
+                data_wait = batches.take_waited() / elapsed if elapsed > 0 else 0.0
                 runlog.write({"event": "train", "step": step, "epoch": step / plan.steps_per_epoch,
                               "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
-                              "samples_per_s": rate})
-                log.info("step %d/%d epoch %.2f loss %.4f lr %.2e %.1f samples/s ETA %s", step,
-                         plan.total_steps, step / plan.steps_per_epoch, mean_loss,
-                         scheduler.get_last_lr()[0], rate, _format_eta(eta))
+                              "samples_per_s": rate, "data_wait": data_wait})
+                log.info("step %d/%d epoch %.2f loss %.4f lr %.2e %.1f samples/s (%.0f%% waiting for "
+                         "data) ETA %s", step, plan.total_steps, step / plan.steps_per_epoch, mean_loss,
+                         scheduler.get_last_lr()[0], rate, 100 * data_wait, _format_eta(eta))
             window_loss, window_n, window_rows, window_start = 0.0, 0, 0, time.time()
         if end_of_epoch or done or (tc.eval_every_steps and step % tc.eval_every_steps == 0):
             evaluate_and_report(epoch_loss / max(1, epoch_n) if epoch_n else None)
@@ -407,6 +408,44 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 epoch_loss, epoch_n = 0.0, 0
         if done:
             break
+
+
+def cpu_autocast_ok(mixed_precision: str, rank: int = 0) -> bool:
+    """bf16 autocast runs on CPU too (oneDNN bf16 kernels); fp16 autocast is for GPUs only."""
+    import torch
+
+    if mixed_precision == "fp16":
+        if rank == 0:
+            log.warning("train.mixed_precision=fp16 needs a GPU; training on CPU in fp32 "
+                        "(bf16 autocasts on CPU too)")
+        return False
+    if mixed_precision == "bf16" and rank == 0 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        log.warning("train.mixed_precision=bf16: this CPU has no native bf16 (AVX512-BF16/AMX), "
+                    "so bf16 will be slower than fp32 here")
+    return mixed_precision == "bf16"
+
+
+class TimedIterator:
+    """Wraps the batch iterator to measure how long training waits on Ray Data (input-bound?)."""
+
+    def __init__(self, iterable: Any) -> None:
+        self._it = iter(iterable)
+        self._waited = 0.0
+
+    def __iter__(self) -> TimedIterator:
+        return self
+
+    def __next__(self) -> Any:
+        start = time.perf_counter()
+        try:
+            return next(self._it)
+        finally:
+            self._waited += time.perf_counter() - start
+
+    def take_waited(self) -> float:
+        """Seconds spent waiting since the last call."""
+        waited, self._waited = self._waited, 0.0
+        return waited
 
 
 def compute_loss(cfg: Config, logits, batch, teacher, student_hidden=None) -> Any:

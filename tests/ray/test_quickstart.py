@@ -34,7 +34,7 @@ def test_quickstart_runs_the_whole_flow_within_five_minutes(tmp_path):
     log = out.stdout + out.stderr
     for step in range(1, 5):
         assert f"quickstart {step}/4" in log, f"progress banner {step}/4 missing"
-    assert re.search(r"step \d+/\d+ .* samples/s ETA", log), "training progress was not shown"
+    assert re.search(r"step \d+/\d+ .* samples/s .*ETA", log), "training progress was not shown"
     rows = re.findall(r"^\s+(positive|negative) (\d\.\d\d)  (.+)$", out.stdout, re.M)
     assert len(rows) == 4
     assert rows[0][0] == "positive" and rows[1][0] == "negative"  # the two unambiguous ones

@@ -70,6 +70,21 @@ def test_every_checkpoint_loads_with_transformers_pipeline(ray_4_cpus, tmp_path)
     assert Path(result["run_dir"], "result.json").exists() and Path(result["run_dir"], "config.yaml").exists()
 
 
+def test_bf16_autocast_on_cpu_trains_and_saves_fp32_weights(ray_4_cpus, tmp_path):
+    from safetensors.torch import load_file
+
+    fp32 = run_training(tiny_cfg(tmp_path, "fp32", "train.max_steps=6", "train.batch_size=16"))
+    bf16 = run_training(tiny_cfg(tmp_path, "bf16", "train.max_steps=6", "train.batch_size=16",
+                                 "train.mixed_precision=bf16"))
+    loss32 = [r["loss"] for r in train_records(fp32["run_dir"])]
+    loss16 = [r["loss"] for r in train_records(bf16["run_dir"])]
+    assert len(loss32) == len(loss16) == 6
+    assert loss32 != loss16, "autocast did not change the arithmetic: bf16 was not used"
+    assert max(abs(a - b) for a, b in zip(loss32, loss16, strict=True)) < 0.05  # same run, bf16 rounding
+    weights = load_file(str(Path(bf16["best_checkpoint"]) / "model.safetensors"))
+    assert {str(t.dtype) for t in weights.values()} == {"torch.float32"}
+
+
 def test_killed_worker_restarts_from_latest_checkpoint(ray_4_cpus, tmp_path):
     cfg = tiny_cfg(tmp_path, "kill", "train.num_workers=2", "train.batch_size=8", "train.epochs=6",
                    "train.eval_every_steps=8", "train.max_failures=2")
