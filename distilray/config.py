@@ -247,6 +247,11 @@ def _coerce(value: Any, tp: Any) -> Any:
     if origin is Literal:
         if value in typing.get_args(tp):
             return value
+        if isinstance(value, bool):  # YAML 1.1 reads an unquoted `no` / `off` as False
+            spellings = ("yes", "on", "true") if value else ("no", "off", "false")
+            for spelling in spellings:
+                if spelling in typing.get_args(tp):
+                    return spelling
         raise ValueError
     if tp is bool:
         if isinstance(value, bool):

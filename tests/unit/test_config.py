@@ -92,3 +92,12 @@ def test_every_shipped_preset_loads(preset):
     load_config(preset)
     first = preset.read_text().splitlines()[0]
     assert first.startswith("# "), f"{preset} should open with a comment giving its command"
+
+
+def test_unquoted_yaml_no_means_the_option_no(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  mixed_precision: no\n")  # YAML 1.1: an unquoted `no` is False
+    assert load_config(path).train.mixed_precision == "no"
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="train.mixed_precision=True is not allowed"):
+        load_config(None, ["train.mixed_precision=yes"])
