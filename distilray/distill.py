@@ -375,11 +375,28 @@ def precompute_teacher_logits(run: PreparedRun, batch_size: int = 64) -> pa.Tabl
     log.info("teacher logits: %d rows by %d Ray Data actors in %.1fs", table.num_rows, actors,
              time.time() - started)
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        pq.write_table(table, tmp)
-        tmp.replace(cache)
+        write_table_atomically(table, cache)
     return table
+
+
+def write_table_atomically(table: pa.Table, path: Path) -> None:
+    """Write a parquet file via a temp file of this writer's own, then rename it into place.
+
+    Concurrent Tune trials may compute the same teacher logits at once; each renames its own
+    complete file, so a reader never sees a partial one and no writer loses its temp file.
+    """
+    import os
+    import uuid
+
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        pq.write_table(table, tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- measuring

@@ -25,6 +25,7 @@ from distilray.distill import (
     resolve_teacher_dir,
     retention,
     student_layer_map,
+    write_table_atomically,
 )
 from distilray.errors import CheckpointError, ConfigError, ModelError
 from distilray.losses import distillation_loss
@@ -329,3 +330,31 @@ def test_alpha_zero_step_loss_is_cross_entropy_without_a_teacher_pass(teacher_di
     # neither a teacher nor teacher_logits: the alpha = 0 baseline never needs them
     loss = distill_step_loss(cfg, logits, {"labels": labels}, teacher=None)
     assert torch.equal(loss, torch.nn.functional.cross_entropy(logits, labels))
+
+
+def test_concurrent_cache_writers_all_succeed_and_leave_one_complete_file(tmp_path):
+    """Two Tune trials computing the same teacher logits at once (a race seen in CI)."""
+    import threading
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"teacher_logits": [[0.5, -0.5]] * 20_000})
+    cache = tmp_path / ".teacher-logits" / "key.parquet"
+    errors: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            for _ in range(5):
+                write_table_atomically(table, cache)
+        except BaseException as exc:  # noqa: BLE001 - collected for the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert [p.name for p in cache.parent.iterdir()] == ["key.parquet"]
+    assert pq.read_table(cache).equals(table)
