@@ -5,6 +5,8 @@
 
 (a) naive: FastAPI + one `transformers.pipeline` call per request (uvicorn, one process);
 (b) `distilray serve`: Ray Serve, Ingress + one batched Classifier replica using every core;
+(b1) `distilray serve` with `serve.topology=single`: one replica that is HTTP front and model
+    (one actor hop fewer per request), same cores and batching;
 (c) ceiling: `Predictor` forward passes in-process, one batch of `concurrency` texts at a time.
 Each client sends one SST-2 validation sentence per request, closed loop, over loopback;
 each level stops at its request count or after --duration seconds. Same model, same
@@ -28,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+PORT = 0  # Serve's HTTP port, shared by both topologies' applications; set in main()
 NAIVE_SERVER = textwrap.dedent('''
     import os
     from fastapi import FastAPI
@@ -144,20 +147,23 @@ def start_naive(ckpt: Path, device: str) -> tuple[str, subprocess.Popen]:
     return url, proc
 
 
-def start_distilray(ckpt: Path, gpu: bool, extra: list[str]):
+def start_distilray(ckpt: Path, gpu: bool, extra: list[str], topology: str = "split"):
     import ray
 
     from distilray.config import load_config
     from distilray.serve import start_server
 
     cores = cpu_count()
-    ray.init(num_cpus=cores, num_gpus=1 if gpu else 0, include_dashboard=False,
-             log_to_driver=False)
+    if not ray.is_initialized():  # room for both topologies' replicas; only one is measured at a time
+        ray.init(num_cpus=2 * cores, num_gpus=1 if gpu else 0, include_dashboard=False,
+                 log_to_driver=False)
     cfg = load_config(None, [
-        f"serve.port={free_port()}", "serve.min_replicas=1", "serve.max_replicas=1",
+        f"serve.port={PORT}", "serve.min_replicas=1", "serve.max_replicas=1",
+        f"serve.app_name=bench-{topology}", f"serve.route_prefix=/{topology}",
+        f"serve.topology={topology}",
         # the replica may use every core; its reservation leaves room for the 0.1-CPU Ingress
         f"serve.num_cpus={max(1, cores - 1) if gpu else cores - 0.5}",
-        f"serve.torch_threads={cores}", f"serve.num_gpus={1 if gpu else 0}",
+        f"serve.torch_threads={cores}", f"serve.num_gpus={0.5 if gpu else 0}",
         "serve.max_batch_size=32",
         "serve.max_ongoing_requests=64", "serve.target_ongoing_requests=32", *extra])
     url = start_server(cfg, str(ckpt)) + "/v1/classify"
@@ -210,7 +216,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, nargs="+", default=[150, 400, 800],
                         help="request cap per concurrency level")
     parser.add_argument("--duration", type=float, default=30.0, help="seconds cap per level")
-    parser.add_argument("--systems", default="abc", help="which of a, b, c to run")
+    parser.add_argument("--systems", default="abcs",
+                        help="which of a, b, c and s (= b1, topology=single) to run")
     parser.add_argument("--rounds", type=int, default=3,
                         help="interleaved rounds; caps are split across them")
     parser.add_argument("--gpu", action="store_true", help="run model on CUDA in all systems")
@@ -218,6 +225,8 @@ def main() -> None:
                         help="extra config overrides for (b), e.g. serve.max_batch_size=64")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args()
+    global PORT
+    PORT = free_port()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -230,7 +239,7 @@ def main() -> None:
     print(f"model {args.model} ({ckpt}), {len(texts)} texts, mean {np.mean([len(t) for t in texts]):.0f}"
           f" chars, {cpu_count()} CPUs, device {device}, levels {levels}, cap {args.duration}s")
     names = {"c": "(c) in-process batched ceiling", "a": "(a) naive FastAPI + pipeline",
-             "b": "(b) distilray serve"}
+             "b": "(b) distilray serve", "s": "(b1) distilray serve, topology=single"}
     runners, cleanup = {}, []
     if "c" in args.systems:
         ceiling = Ceiling(ckpt, device)
@@ -239,17 +248,16 @@ def main() -> None:
         url_a, proc = start_naive(ckpt, device)
         cleanup.append(lambda: (proc.terminate(), proc.wait(timeout=30)))
         runners["a"] = lambda t, c, n, d, u=url_a: asyncio.run(http_level(u, t, c, n, d))
-    if "b" in args.systems:
-        url_b, cfg = start_distilray(ckpt, args.gpu, args.serve_set)
+    for key, topology in (("b", "split"), ("s", "single")):
+        if key not in args.systems:
+            continue
+        url, cfg = start_distilray(ckpt, args.gpu, args.serve_set, topology)
 
-        def stop_b(cfg=cfg):
-            import ray
-
+        def stop(cfg=cfg):
             from distilray.serve import shutdown_server
             shutdown_server(cfg)
-            ray.shutdown()
-        cleanup.append(stop_b)
-        runners["b"] = lambda t, c, n, d, u=url_b: asyncio.run(http_level(u, t, c, n, d))
+        cleanup.append(stop)
+        runners[key] = lambda t, c, n, d, u=url: asyncio.run(http_level(u, t, c, n, d))
     # Interleave systems level by level, round after round, so that load from anything else
     # on the machine falls on all three alike; each round gets 1/rounds of the caps.
     pooled = {(k, c): ([], 0.0, 0) for k in runners for c, _ in levels}
@@ -264,6 +272,9 @@ def main() -> None:
     finally:
         for stop in cleanup:
             stop()
+        import ray
+
+        ray.shutdown()
     rows = [summarize(names[k], c, *pooled[(k, c)]) for k in runners for c, _ in levels]
     print("\n| system | concurrency | requests/s | p50 ms | p99 ms | requests | errors |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
@@ -272,14 +283,17 @@ def main() -> None:
     print(f"load average after: {os.getloadavg()[0]:.1f}")
 
     by = {(r["system"][:3], r["concurrency"]): r for r in rows}
-    print("\n| concurrency | (b)/(a) req/s | (b) p99 / (a) p99 | (b)/(c) req/s |")
-    print("| ---: | ---: | ---: | ---: |")
-    for conc, _ in levels:
-        a, b, c = by.get(("(a)", conc)), by.get(("(b)", conc)), by.get(("(c)", conc))
-        ba = f"{b['rps'] / a['rps']:.2f}×" if a and b else "-"
-        pa = f"{b['p99'] / a['p99']:.2f}" if a and b else "-"
-        bc = f"{b['rps'] / c['rps']:.0%}" if b and c else "-"
-        print(f"| {conc} | {ba} | {pa} | {bc} |")
+    print("\n| system | concurrency | vs (a) req/s | p99 / (a) p99 | vs (c) req/s |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for key, label in (("(b)", "(b)"), ("(b1", "(b1)")):
+        for conc, _ in levels:
+            a, b, c = by.get(("(a)", conc)), by.get((key, conc)), by.get(("(c)", conc))
+            if b is None:
+                continue
+            ba = f"{b['rps'] / a['rps']:.2f}×" if a else "-"
+            pa = f"{b['p99'] / a['p99']:.2f}" if a else "-"
+            bc = f"{b['rps'] / c['rps']:.0%}" if c else "-"
+            print(f"| {label} | {conc} | {ba} | {pa} | {bc} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 

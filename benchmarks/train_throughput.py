@@ -4,8 +4,10 @@
 
 (a) reference: Hugging Face `Trainer`, padding to max_length 128, batch 16, one process;
 (b) `distilray train` (Ray Train + Ray Data, dynamic padding) with 1 and 2 workers;
-(c) a plain torch loop on exactly the batches distilray's 1-worker run trains on, to isolate
-    the overhead of Ray Train itself;
+(c) a plain torch loop on exactly the batches distilray's 1-worker run trains on, with the same
+    CPU kernels and fused AdamW, to isolate the overhead of Ray Train itself;
+(b0) `distilray train`, 1 worker, with `train.cpu_kernels=false` (stock torch dropout and SDPA),
+    to show what `distilray.cpu_kernels` is worth;
 (a', b') (a) and (b) again with bf16 autocast (`train.mixed_precision=bf16`, Trainer `bf16=True`),
     which runs on CPUs with native bf16 (AVX512-BF16/AMX); fp32 remains the reference.
 Same model (offline:minilm), machine, rows and batch 16 per optimizer step throughout.
@@ -72,10 +74,13 @@ def hf_trainer_rate(table: pa.Table, steps: int, warmup: int, threads: int, bf16
 
 def plain_loop_rate(table: pa.Table, steps: int, warmup: int, threads: int) -> float:
     """The batches distilray's 1-worker run trains on, in a bare torch loop (no Ray)."""
+    from distilray.cpu_kernels import use_cpu_training_kernels
+
     torch.set_num_threads(threads)
     source = resolve_model("offline:minilm")
     tok = load_tokenizer(source)
     model = load_classifier(source, LABELS, seed=0)
+    use_cpu_training_kernels(model)
     plan = make_plan(table.num_rows, 16, 1, 1, 1)
     rows = arrange_for_workers(table, plan, 1, 16, seed=42)
     ids = tokenize_texts(tok, rows.column("text").to_pylist(), 128)
@@ -100,7 +105,7 @@ def plain_loop_rate(table: pa.Table, steps: int, warmup: int, threads: int) -> f
 
 
 def distilray_rate(data_dir: Path, workers: int, steps: int, warmup: int, storage: Path,
-                   name: str, bf16: bool = False) -> float:
+                   name: str, bf16: bool = False, cpu_kernels: bool = True) -> float:
     """`distilray train` on the same rows; rate from its own step log (rank 0, global)."""
     cpus = max(1, (os.cpu_count() or 2) // workers)
     cfg = load_config(None, [
@@ -108,7 +113,8 @@ def distilray_rate(data_dir: Path, workers: int, steps: int, warmup: int, storag
         "train.lr=2e-5", f"train.batch_size={16 // workers}", f"train.num_workers={workers}",
         f"train.cpus_per_worker={cpus}", f"train.max_steps={warmup + steps}", "train.epochs=1",
         "train.log_every_steps=1", "train.max_failures=0", f"train.storage_path={storage}",
-        f"train.name={name}", *(["train.mixed_precision=bf16"] if bf16 else [])])
+        f"train.name={name}", f"train.cpu_kernels={str(cpu_kernels).lower()}",
+        *(["train.mixed_precision=bf16"] if bf16 else [])])
     result = run_training(cfg)
     log = [r for r in read_metrics(result["run_dir"]) if r["event"] == "train"]
     first = next(r for r in log if r["step"] == warmup)
@@ -143,6 +149,8 @@ def main() -> None:
             for workers in (1, 2):
                 r[f"distilray train, {workers} worker(s) (b)"] = distilray_rate(
                     data_dir, workers, args.steps, args.warmup, Path(tmp) / "runs", f"{name}-{workers}w")
+            r["distilray train, 1 worker, cpu_kernels=false (b0)"] = distilray_rate(
+                data_dir, 1, args.steps, args.warmup, Path(tmp) / "runs", f"{name}-1w-stock", cpu_kernels=False)
             if not args.no_bf16:  # same runs with bf16 autocast, for the reference too
                 r["HF Trainer, pad 128, bf16 autocast (a')"] = hf_trainer_rate(
                     table, args.steps, args.warmup, threads, bf16=True)

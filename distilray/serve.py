@@ -44,7 +44,7 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 # options, written once in the Serve config's `deployments:` section where Serve applies them.
 REPLICA_KEYS = ("max_batch_size", "batch_wait_timeout_s", "max_texts", "max_text_chars",
                 "request_timeout_s", "auth_token_env", "auth_token_file", "backend", "max_length",
-                "max_batch_tokens", "torch_threads", "num_cpus", "num_gpus")
+                "max_batch_tokens", "torch_threads", "num_cpus", "num_gpus", "topology")
 # "Some character outside Unicode White_Space", spelled out: `\S` differs between the
 # validator (Rust regex), JSON Schema (ECMA-262) and Python `re` (e.g. on U+0085), and the
 # OpenAPI schema must accept exactly what the server accepts.
@@ -475,10 +475,12 @@ def replica_args(cfg: ServeConfig) -> dict[str, Any]:
 
 
 def deployment_options(cfg: ServeConfig) -> list[dict[str, Any]]:
-    """Serve options of both deployments (the `deployments:` entries of a Serve config).
+    """Serve options of the deployments (the `deployments:` entries of a Serve config).
 
-    `Classifier` holds the model and autoscales on ongoing requests; `Ingress` is the light
-    HTTP front (validation, auth, retries when a Classifier replica dies mid-request).
+    Split topology: `Classifier` holds the model and autoscales on ongoing requests; `Ingress`
+    is the light HTTP front (validation, auth, retries when a Classifier replica dies
+    mid-request). Single topology: only `Ingress`, holding the model, with the Classifier's
+    autoscaling and resources.
     """
     autoscaling: dict[str, Any] = {
         "min_replicas": cfg.min_replicas,
@@ -508,6 +510,8 @@ def deployment_options(cfg: ServeConfig) -> list[dict[str, Any]]:
         "ray_actor_options": actor,
         **health(),
     }
+    if cfg.topology == "single":  # the Ingress holds the model: the Classifier's options
+        return [{**classifier, "name": INGRESS_NAME}]
     ingress = {
         "name": INGRESS_NAME,
         "num_replicas": cfg.ingress_replicas,
@@ -564,12 +568,15 @@ def build_app(args: dict[str, Any]) -> Any:
 def bind_app(checkpoint: str, cfg: ServeConfig, env_vars: dict[str, str] | None = None) -> Any:
     """The bound application; `env_vars` reach the replicas through their runtime_env."""
     ingress_cls, classifier_cls = make_deployments(cfg)
-    ingress_opts, classifier_opts = deployment_options(cfg)
-    for opts in (ingress_opts, classifier_opts):
+    options = deployment_options(cfg)
+    for opts in options:
         opts.pop("name")
         if env_vars:
             opts["ray_actor_options"]["runtime_env"] = {"env_vars": env_vars}
     settings = replica_args(cfg)
+    if cfg.topology == "single":
+        return ingress_cls.options(**options[0]).bind(None, settings, checkpoint)
+    ingress_opts, classifier_opts = options
     classifier = classifier_cls.options(**classifier_opts).bind(checkpoint, settings)
     return ingress_cls.options(**ingress_opts).bind(classifier, settings)
 
@@ -614,8 +621,7 @@ def make_deployments(cfg: ServeConfig) -> tuple[Any, Any]:
             exc.status_code, "http_error")
         return error_json(exc.status_code, kind, str(exc.detail), **(exc.headers or {}))
 
-    @serve.deployment(name=CLASSIFIER_NAME)
-    class ClassifierDeployment:
+    class Classifier:
         """One model replica: a Predictor behind a continuous-batching queue of texts."""
 
         def __init__(self, checkpoint: str, settings: dict[str, Any]):
@@ -670,14 +676,21 @@ def make_deployments(cfg: ServeConfig) -> tuple[Any, Any]:
             if self._failures >= 3:
                 raise RuntimeError(f"{self._failures} consecutive forward passes failed")
 
+    ClassifierDeployment = serve.deployment(name=CLASSIFIER_NAME)(Classifier)
+
     @serve.deployment(name=INGRESS_NAME)
     @serve.ingress(app)
     class IngressDeployment:
-        """HTTP front: validate, authenticate, split into batches, retry on replica loss."""
+        """HTTP front: validate, authenticate, split into batches, retry on replica loss.
 
-        def __init__(self, classifier: Any, settings: dict[str, Any]):
+        With `classifier=None` (topology=single) it loads the model itself and classifies
+        in-process: no actor hop between the HTTP front and the forward pass.
+        """
+
+        def __init__(self, classifier: Any, settings: dict[str, Any], checkpoint: str | None = None):
             s = replace(ServeConfig(), **settings)
             self._classifier = classifier
+            self._local = Classifier(checkpoint, settings) if classifier is None else None
             self._token = read_token(s.auth_token_env, s.auth_token_file)
             self._timeout_s = s.request_timeout_s
             self._chunk = s.max_batch_size
@@ -692,10 +705,21 @@ def make_deployments(cfg: ServeConfig) -> tuple[Any, Any]:
 
         async def _model_info(self) -> dict[str, Any]:
             if self._info is None:
-                self._info = await self._classifier.info.remote()
+                self._info = await self._replica_info()
             return self._info
 
+        async def _replica_info(self) -> dict[str, Any]:
+            if self._local is not None:
+                return self._local.info()
+            return await self._classifier.info.remote()
+
+        def check_health(self) -> None:
+            if self._local is not None:
+                self._local.check_health()
+
         async def _classify_chunk(self, texts: list[str]) -> list[Prediction]:
+            if self._local is not None:
+                return await self._local.classify(texts)
             # Classification is idempotent: when a Classifier replica dies mid-request the
             # router marks it dead, and the retry lands on a live (or replacement) replica.
             for attempt in range(1, 4):
@@ -745,7 +769,7 @@ def make_deployments(cfg: ServeConfig) -> tuple[Any, Any]:
                  responses={503: {"model": ErrorResponse}})
         async def readyz(self) -> Any:
             try:
-                info = await asyncio.wait_for(self._classifier.info.remote(), 5.0)
+                info = await asyncio.wait_for(self._replica_info(), 5.0)
             except (TimeoutError, RayActorError, BackPressureError):
                 return error_json(503, "not_ready", "no Classifier replica answered within 5s")
             self._info = info

@@ -279,6 +279,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         from distilray.distill import load_teacher
 
         teacher = load_teacher(cfg).to(device)
+    if device.type == "cpu" and tc.cpu_kernels:
+        from distilray.cpu_kernels import use_cpu_training_kernels
+
+        changed = use_cpu_training_kernels(model)
+        if rank == 0 and changed:
+            log.info("CPU training kernels: %s (train.cpu_kernels=false turns them off)", ", ".join(changed))
     optimizer = build_optimizer(model, tc.lr, tc.weight_decay)
     scheduler = build_scheduler(optimizer, tc.scheduler, plan.total_steps, tc.warmup_ratio)
     use_amp = cpu_autocast_ok(tc.mixed_precision, rank) if device.type == "cpu" else tc.mixed_precision != "no"

@@ -3,7 +3,8 @@
 Three applications are deployed once per module from one Serve config — built with
 `emit_serve_config` and started with `serve run`, exactly as a RayService would get it:
 `main` (tiny model, fast autoscaling), `locked` (bearer token, tiny request timeout) and
-`tight` (one slot and a two-request queue, to overload on purpose).
+`tight` (one slot and a two-request queue, to overload on purpose) and `single`
+(topology=single: one deployment that is HTTP front and model).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import requests
 import yaml
 
 from distilray.config import load_config
-from distilray.serve import CLASSIFIER_NAME, Predictor, emit_serve_config
+from distilray.serve import CLASSIFIER_NAME, INGRESS_NAME, Predictor, emit_serve_config
 
 pytestmark = pytest.mark.ray
 
@@ -146,8 +147,11 @@ def served(ray_4_cpus, tiny_checkpoint, tmp_path_factory):
         "serve.app_name=tight", "serve.route_prefix=/tight", "serve.max_replicas=1",
         "serve.target_ongoing_requests=1", "serve.max_ongoing_requests=2",
         "serve.max_queued_requests=2", "serve.batch_wait_timeout_s=0.3", "serve.retry_after_s=2"])
+    single = load_config(None, common + [
+        "serve.app_name=single", "serve.route_prefix=/single", "serve.topology=single",
+        "serve.max_replicas=1", "serve.max_texts=8", "serve.max_text_chars=300"])
     config = emit_serve_config(main, str(tiny_checkpoint))
-    for other in (locked, tight):
+    for other in (locked, tight, single):
         config["applications"] += emit_serve_config(other, str(tiny_checkpoint))["applications"]
     path = tmp_path_factory.mktemp("serve-config") / "serve.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -158,8 +162,9 @@ def served(ray_4_cpus, tiny_checkpoint, tmp_path_factory):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     urls = {"main": f"http://127.0.0.1:{port}", "locked": f"http://127.0.0.1:{port}/locked",
-            "tight": f"http://127.0.0.1:{port}/tight", "port": port}
-    for name in ("main", "locked", "tight"):
+            "tight": f"http://127.0.0.1:{port}/tight", "single": f"http://127.0.0.1:{port}/single",
+            "port": port}
+    for name in ("main", "locked", "tight", "single"):
         # ~20 s on two idle cores; minutes when the machine is shared and loaded
         wait_until(lambda n=name: ready(urls[n]), 600, what=f"{name} /readyz")
     yield urls
@@ -192,6 +197,28 @@ def test_predictions_match_in_process_and_transformers_pipeline(served, tiny_che
         ref = {d["label"]: d["score"] for d in ref}
         assert pred["label"] == max(ref, key=ref.get)
         assert pred["probabilities"] == pytest.approx(ref, abs=1e-5)
+
+
+def test_single_topology_serves_from_one_deployment(served, tiny_checkpoint):
+    from ray import serve
+
+    url = served["single"]
+    assert set(serve.status().applications["single"].deployments) == {INGRESS_NAME}
+    r = requests.post(f"{url}/v1/classify", json={"texts": TEXTS}, timeout=30)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "tiny" and body["checkpoint"].startswith("tiny-test@step1:")
+    local = Predictor(str(tiny_checkpoint), max_length=64).predict(TEXTS)
+    np.testing.assert_allclose([p["probabilities"]["positive"] for p in body["predictions"]],
+                               [p.probabilities["positive"] for p in local], atol=1e-5)
+    bad = requests.post(f"{url}/v1/classify", json={"texts": ["x"] * 9}, timeout=30)
+    assert bad.status_code == 422 and bad.json()["detail"][0]["limit"] == 8
+    ready_body = requests.get(f"{url}/readyz", timeout=30).json()
+    assert ready_body["status"] == "ready" and ready_body["warmup_ms"] > 0
+    with ThreadPoolExecutor(16) as pool:  # concurrent requests share forward passes in-process
+        codes = list(pool.map(lambda t: requests.post(f"{url}/v1/classify", json={"text": t},
+                                                      timeout=30).status_code, TEXTS * 12))
+    assert codes == [200] * len(codes)
 
 
 @pytest.mark.parametrize("payload, status, field, limit", [

@@ -205,6 +205,22 @@ def test_emitted_config_is_a_valid_serve_config_and_round_trips():
     assert serve_cfg.max_texts == cfg.serve.max_texts
 
 
+def test_single_topology_config_has_one_deployment_holding_the_model():
+    from ray.serve.schema import ServeDeploySchema
+
+    cfg = load_config("configs/serve.yaml", ["serve.topology=single", "serve.max_replicas=3",
+                                             "serve.num_cpus=2"])
+    emitted = yaml.safe_load(yaml.safe_dump(emit_serve_config(cfg, "/models/best"), sort_keys=False))
+    app = ServeDeploySchema.model_validate(emitted).applications[0]
+    (only,) = app.deployments
+    assert only.name == INGRESS_NAME  # the FastAPI ingress class, which now loads the model
+    assert only.autoscaling_config["max_replicas"] == 3
+    assert only.ray_actor_options.num_cpus == 2
+    assert only.max_ongoing_requests > only.autoscaling_config["target_ongoing_requests"]
+    _, serve_cfg = serve_config_from_args(app.args)  # what build_app binds: the same topology
+    assert serve_cfg.topology == "single"
+
+
 def test_build_app_rejects_bad_args_with_config_errors():
     with pytest.raises(ConfigError, match="checkpoint"):
         serve_config_from_args({})
