@@ -217,7 +217,8 @@ def quantize_int8(model: Any) -> Any:
     """Dynamic int8 quantisation of every nn.Linear, one weight scale per output channel.
 
     Per-tensor scales cost MiniLM-on-SST-2 a point of accuracy and 6% of its predictions;
-    per-channel keeps accuracy and agrees with fp32 on ~98% of sentences.
+    per-channel keeps accuracy (within 1 point) and agrees with fp32 on 97–98% of sentences
+    (96.8% for the SST-2 checkpoint trained with the CPU kernels' dropout stream).
     """
     import torch
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
