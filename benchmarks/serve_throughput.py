@@ -8,6 +8,9 @@
 (b1) `distilray serve` with `serve.topology=single`: one replica that is HTTP front and model
     (one actor hop fewer per request), same cores and batching;
 (c) ceiling: `Predictor` forward passes in-process, one batch of `concurrency` texts at a time.
+(b) and (b1) run on a local Ray instance in Serve's high-throughput mode (HAProxy in front,
+direct ingress, gRPC between deployments), as `distilray serve` starts it; `--ray-serve-mode
+classic` starts Ray's Python proxy instead (Ray's default), for comparison.
 Each client sends one SST-2 validation sentence per request, closed loop, over loopback;
 each level stops at its request count or after --duration seconds. Same model, same
 machine, one invocation; ratios are printed against (a) and (c).
@@ -28,6 +31,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from distilray.cluster import SERVE_HIGH_THROUGHPUT_ENV, use_serve_high_throughput
 
 REPO = Path(__file__).resolve().parents[1]
 PORT = 0  # Serve's HTTP port, shared by both topologies' applications; set in main()
@@ -174,14 +179,14 @@ def start_distilray(ckpt: Path, gpu: bool, extra: list[str], topology: str = "sp
 class Ceiling:
     """(c): `Predictor` forward passes in this process, a batch of `concurrency` texts each."""
 
-    def __init__(self, ckpt: Path, device: str):
+    def __init__(self, ckpt: Path, device: str, backend: str = "torch"):
         import torch
 
         from distilray.serve import Predictor
 
         torch.set_num_threads(cpu_count())
         self.device = device
-        self.pred = Predictor(str(ckpt), device=device)
+        self.pred = Predictor(str(ckpt), device=device, backend=backend)
 
     def level(self, texts, conc: int, n: int, duration: float) -> tuple:
         import torch
@@ -223,12 +228,24 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true", help="run model on CUDA in all systems")
     parser.add_argument("--serve-set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra config overrides for (b), e.g. serve.max_batch_size=64")
+    parser.add_argument("--ray-serve-mode", choices=["high-throughput", "classic"],
+                        default="high-throughput",
+                        help="how the local Ray instance runs Serve: HAProxy + direct ingress "
+                             "(distilray's default) or Ray's Python HTTP proxy")
+    parser.add_argument("--backend", choices=["torch", "int8"], default="torch",
+                        help="model backend of (b), (b1) and (c); (a) is always the fp32 pipeline")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args()
     global PORT
     PORT = free_port()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.ray_serve_mode == "classic":
+        os.environ.update({k: "0" for k in SERVE_HIGH_THROUGHPUT_ENV})
+    else:
+        use_serve_high_throughput()
+    if args.backend != "torch":
+        args.serve_set.append(f"serve.backend={args.backend}")
 
     device = "cuda" if args.gpu else "cpu"
     levels = list(zip(args.concurrency, args.requests, strict=True))
@@ -237,12 +254,13 @@ def main() -> None:
         args.model, Path(tempfile.mkdtemp(prefix="serve-bench-")))
     print(f"load average before: {os.getloadavg()[0]:.1f}")
     print(f"model {args.model} ({ckpt}), {len(texts)} texts, mean {np.mean([len(t) for t in texts]):.0f}"
-          f" chars, {cpu_count()} CPUs, device {device}, levels {levels}, cap {args.duration}s")
+          f" chars, {cpu_count()} CPUs, device {device}, levels {levels}, cap {args.duration}s, "
+          f"Serve mode {args.ray_serve_mode}, backend {args.backend}")
     names = {"c": "(c) in-process batched ceiling", "a": "(a) naive FastAPI + pipeline",
              "b": "(b) distilray serve", "s": "(b1) distilray serve, topology=single"}
     runners, cleanup = {}, []
     if "c" in args.systems:
-        ceiling = Ceiling(ckpt, device)
+        ceiling = Ceiling(ckpt, device, args.backend)
         runners["c"] = ceiling.level
     if "a" in args.systems:
         url_a, proc = start_naive(ckpt, device)

@@ -52,6 +52,32 @@ JOB_SPEC_KEYS = ("entrypoint", "runtime_env", "metadata", "submission_id", "entr
                  "entrypoint_num_gpus", "entrypoint_memory", "entrypoint_resources")
 
 
+# Ray Serve's high-throughput mode (Ray >= 2.55): HAProxy, a C load balancer, is the HTTP
+# proxy and sends requests straight to the ingress replicas' own HTTP servers, and
+# deployments call each other over gRPC. Every Ray process reads these when it starts, so
+# they belong on the nodes (`ray start`, the pods' env), not in an application's config.
+SERVE_HIGH_THROUGHPUT_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+
+
+# A replica that stops stays reachable this long before refusing connections, so that load
+# balancers can deregister it (Ray's default: 30 s). On a local Ray instance HAProxy runs on
+# the same machine and retries refused connections on another replica, so 2 s is enough, and
+# deleting an app (quickstart's shutdown, `distilray serve --stop`) takes seconds, not 30.
+LOCAL_SERVE_DRAIN_ENV = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
+
+
+def with_serve_high_throughput(environ: Mapping[str, str]) -> dict[str, str]:
+    """`environ` plus Serve's high-throughput mode for a local Ray instance, unless `environ`
+    sets those variables itself (`RAY_SERVE_ENABLE_HA_PROXY=0 RAY_SERVE_THROUGHPUT_OPTIMIZED=0`
+    keeps Ray's Python proxy)."""
+    return {**SERVE_HIGH_THROUGHPUT_ENV, **LOCAL_SERVE_DRAIN_ENV, **environ}
+
+
+def use_serve_high_throughput() -> None:
+    """Before this process starts a local Ray instance: its nodes inherit os.environ."""
+    os.environ.update(with_serve_high_throughput(os.environ))
+
+
 def default_state_dir() -> Path:
     return Path(os.environ.get("DISTILRAY_CLUSTER_DIR", "~/.distilray/cluster")).expanduser()
 
@@ -333,7 +359,7 @@ def _tail(path: Path, lines: int = 15) -> str:
 def cluster_up(state_dir: Path, nodes: Sequence[NodeSpec], *, timeout_s: float = 120.0,
                environ: Mapping[str, str] | None = None) -> ClusterState:
     """Start the head, then the workers; return once every node is ALIVE in the GCS."""
-    env = dict(os.environ if environ is None else environ)
+    env = with_serve_high_throughput(os.environ if environ is None else environ)
     existing = ClusterState.load(state_dir)
     if existing is not None and any(node_alive(n) for n in existing.nodes):
         raise ClusterError(f"a cluster from {state_dir} is already running at "

@@ -29,6 +29,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from distilray.cluster import use_serve_high_throughput, with_serve_high_throughput
 from distilray.config import Config, ServeConfig, config_from_dict
 from distilray.errors import CheckpointError, ConfigError, DistilrayError
 
@@ -44,7 +45,8 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 # options, written once in the Serve config's `deployments:` section where Serve applies them.
 REPLICA_KEYS = ("max_batch_size", "batch_wait_timeout_s", "max_texts", "max_text_chars",
                 "request_timeout_s", "auth_token_env", "auth_token_file", "backend", "max_length",
-                "max_batch_tokens", "torch_threads", "num_cpus", "num_gpus", "topology")
+                "max_batch_tokens", "pass_overhead_tokens", "torch_threads", "num_cpus",
+                "num_gpus", "topology")
 # "Some character outside Unicode White_Space", spelled out: `\S` differs between the
 # validator (Rust regex), JSON Schema (ECMA-262) and Python `re` (e.g. on U+0085), and the
 # OpenAPI schema must accept exactly what the server accepts.
@@ -129,7 +131,8 @@ class Predictor:
     """A checkpoint ready to classify: tokenise once, sort by length, pad per chunk, forward."""
 
     def __init__(self, checkpoint: str, max_length: int = 128, backend: str = "torch",
-                 max_batch_tokens: int = 8192, device: str = "cpu", torch_threads: int = 0):
+                 max_batch_tokens: int = 8192, device: str = "cpu", torch_threads: int = 0,
+                 pass_overhead_tokens: int | None = None):
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -144,6 +147,11 @@ class Predictor:
         self.max_length = max_length
         self.max_batch_tokens = max_batch_tokens
         self.device = torch.device(device)
+        # CPU: a pass costs ~30-60 tokens of work beyond its own (2 cores; 64 measured best), so
+        # splitting a length-sorted batch beats padding short texts to the longest. GPU: the
+        # per-pass cost dwarfs padding, so one pass per token budget.
+        self.pass_overhead_tokens = (pass_overhead_tokens if pass_overhead_tokens is not None
+                                     else 64 if self.device.type == "cpu" else max_batch_tokens)
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
         try:
             model = AutoModelForSequenceClassification.from_pretrained(str(path))
@@ -163,20 +171,8 @@ class Predictor:
         self.pad_id = self.tokenizer.pad_token_id or 0
 
     def chunks(self, lengths: Sequence[int]) -> list[list[int]]:
-        """Row indices sorted by length, grouped so each padded chunk stays within the token budget."""
-        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-        out: list[list[int]] = []
-        current: list[int] = []
-        for i in order:
-            # rows are sorted, so the chunk's width is this row's length (rounded up to 8)
-            width = -(-max(lengths[i], 1) // 8) * 8
-            if current and (len(current) + 1) * width > self.max_batch_tokens:
-                out.append(current)
-                current = []
-            current.append(i)
-        if current:
-            out.append(current)
-        return out
+        """Row indices sorted by length, in forward passes planned by `plan_chunks`."""
+        return plan_chunks(lengths, self.max_batch_tokens, self.pass_overhead_tokens)
 
     def logits(self, texts: Sequence[str]) -> "Any":
         """Logits (numpy, float32) in input order."""
@@ -211,6 +207,35 @@ class Predictor:
             out.append(Prediction(label=self.labels[best], score=float(row[best]),
                                   probabilities={lab: float(p) for lab, p in zip(self.labels, row, strict=True)}))
         return out
+
+
+def plan_chunks(lengths: Sequence[int], max_batch_tokens: int, pass_overhead_tokens: int,
+                multiple: int = 8) -> list[list[int]]:
+    """Split rows, sorted by length, into forward passes of least padded tokens + overhead.
+
+    A pass over rows i..j (sorted) pads them to row j's length rounded up to `multiple`, so it
+    costs `(j - i + 1) * width + pass_overhead_tokens`; one pass never exceeds
+    `max_batch_tokens` unless it is a single row. Exact dynamic programme over the sorted order.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    widths = [-(-max(lengths[i], 1) // multiple) * multiple for i in order]
+    best = [0.0] + [math.inf] * len(order)  # best[j]: cost of the first j sorted rows
+    start = [0] * (len(order) + 1)
+    for j in range(1, len(order) + 1):
+        width = widths[j - 1]
+        for i in range(j, 0, -1):  # last pass = sorted rows i-1 .. j-1
+            rows = j - i + 1
+            if rows > 1 and rows * width > max_batch_tokens:
+                break
+            cost = best[i - 1] + rows * width + pass_overhead_tokens
+            if cost < best[j]:
+                best[j], start[j] = cost, i - 1
+    out: list[list[int]] = []
+    j = len(order)
+    while j > 0:
+        out.append(order[start[j]:j])
+        j = start[j]
+    return out[::-1]
 
 
 def quantize_int8(model: Any) -> Any:
@@ -633,7 +658,7 @@ def make_deployments(cfg: ServeConfig) -> tuple[Any, Any]:
             torch.set_num_threads(threads)
             device = "cuda" if s.num_gpus > 0 and torch.cuda.is_available() else "cpu"
             self._predictor = Predictor(checkpoint, s.max_length, s.backend, s.max_batch_tokens,
-                                        device)
+                                        device, pass_overhead_tokens=s.pass_overhead_tokens)
             self._batch_size = Histogram("distilray_batch_size", "Texts per forward batch",
                                          boundaries=BATCH_BOUNDARIES)
             self._queue = Gauge("distilray_queue_length",
@@ -804,6 +829,7 @@ def _connect(start_local: bool) -> bool:
         return True
     if not start_local:
         return False
+    use_serve_high_throughput()
     ray.init(include_dashboard=False, log_to_driver=False)
     return True
 
@@ -895,7 +921,8 @@ def _start_persistent_cluster() -> None:
         raise DistilrayError("--detach needs the `ray` command (pip install 'ray[serve]')")
     log.info("no Ray cluster found: starting one with `ray start --head` (stop it with `ray stop`)")
     proc = subprocess.run([ray_bin, "start", "--head", "--include-dashboard=false",
-                           "--disable-usage-stats"], capture_output=True, text=True)
+                           "--disable-usage-stats"], capture_output=True, text=True,
+                          env=with_serve_high_throughput(os.environ))
     if proc.returncode != 0:
         raise DistilrayError(f"`ray start --head` failed: {proc.stderr.strip()[-400:]}")
 

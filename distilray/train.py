@@ -21,6 +21,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from distilray.cluster import use_serve_high_throughput
 from distilray.config import Config, config_from_dict, config_to_dict, dump_config
 from distilray.data import Splits, load_splits, tokenize_texts
 from distilray.engine import (
@@ -479,6 +480,7 @@ def connect_ray(min_cpus: float = 0) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         cpus = max(os.cpu_count() or 1, int(min_cpus + 0.999) + 2)  # +2 for Ray Data tasks
+        use_serve_high_throughput()  # `distilray quickstart` serves from this instance too
         # The dashboard serves the State API that Ray Train's placement-group cleaner polls.
         ray.init(num_cpus=cpus, log_to_driver=True)
 

@@ -257,6 +257,18 @@ def test_health_docs_and_openapi(served):
     assert texts_schema["maxItems"] == 8
 
 
+def test_serve_runs_in_rays_high_throughput_mode(served):
+    """The local Ray that distilray starts runs Serve behind HAProxy (RAY_SERVE_ENABLE_HA_PROXY)."""
+    import psutil
+
+    listeners = {c.pid for c in psutil.net_connections(kind="tcp")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == served["port"]}
+    names = {psutil.Process(pid).name() for pid in listeners if pid}
+    assert names == {"haproxy"}, f"port {served['port']} is served by {names or 'nothing visible'}"
+    assert requests.post(f"{served['main']}/v1/classify", json={"text": "fine"},
+                         timeout=30).status_code == 200
+
+
 def fuzz_test(operation, mode, checks, ran: Counter):
     """A bounded Hypothesis test sending schema-generated cases to one operation."""
     from hypothesis import HealthCheck, Phase, given, settings

@@ -31,6 +31,7 @@ from distilray.cluster import (
     read_token,
     resolve_auth,
     stop_nodes,
+    with_serve_high_throughput,
 )
 from distilray.errors import ClusterError, ConfigError
 from tests.conftest import REPO
@@ -93,6 +94,16 @@ def test_ray_start_commands_pin_every_fixed_default_port():
 
 
 # --------------------------------------------------------------------------- auth
+
+
+def test_nodes_get_serve_high_throughput_mode_unless_the_user_set_it():
+    env = with_serve_high_throughput({"PATH": "/bin"})
+    assert env == {"PATH": "/bin", "RAY_SERVE_ENABLE_HA_PROXY": "1",
+                   "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+                   "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
+    opted_out = with_serve_high_throughput({"RAY_SERVE_ENABLE_HA_PROXY": "0"})
+    assert opted_out["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
+    assert opted_out["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
 
 
 def test_auth_follows_rays_defaults_for_a_new_local_cluster(tmp_path):
@@ -269,7 +280,8 @@ def test_cloud_launcher_example_is_a_valid_autoscaling_gpu_cluster():
     # token auth: the token is shipped to every node and enforced by `ray start`
     assert config["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}
     for cmd in config["head_start_ray_commands"][1:] + config["worker_start_ray_commands"][1:]:
-        assert "RAY_AUTH_MODE=token ray start" in cmd
+        assert cmd.startswith("ulimit -n 65536; RAY_AUTH_MODE=token RAY_SERVE_ENABLE_HA_PROXY=1 "
+                              "RAY_SERVE_THROUGHPUT_OPTIMIZED=1 ray start"), cmd
     # the submit command in its header parses with the CLI
     header = "".join(line[1:] for line in (REPO / "cluster/aws-gpu.yaml").read_text().splitlines()
                      if line.startswith("#"))

@@ -295,6 +295,22 @@ def test_ray_clusters_use_token_auth_autoscaling_and_shared_storage(overlay):
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_ray_container_runs_serve_in_high_throughput_mode(overlay):
+    """Every Ray process reads these at start, so every head and worker container sets them."""
+    from distilray.cluster import SERVE_HIGH_THROUGHPUT_ENV
+
+    for doc in of_kind(render(overlay), "RayCluster") + of_kind(render(overlay), "RayJob") + \
+            of_kind(render(overlay), "RayService"):
+        for where, tpl in pod_templates(doc):
+            if where == "job submitter":
+                continue
+            for c in tpl["spec"]["containers"]:
+                env = {e["name"]: e.get("value") for e in c.get("env", [])}
+                assert {k: env.get(k) for k in SERVE_HIGH_THROUGHPUT_ENV} == \
+                    SERVE_HIGH_THROUGHPUT_ENV, f"{doc['metadata']['name']} {where}/{c['name']}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_rayjobs_clean_up_after_themselves(overlay):
     jobs = of_kind(render(overlay), "RayJob")
     assert {j["metadata"]["name"] for j in jobs} == {"distilray-train", "distilray-tune"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from distilray.serve import (
     check_checkpoint,
     describe_validation_errors,
     emit_serve_config,
+    plan_chunks,
     read_token,
     request_models,
     resolve_checkpoint,
@@ -138,6 +140,51 @@ def test_chunks_sort_by_length_and_respect_the_token_budget(tiny_checkpoint):
     for c in chunks:
         width = -(-max(lengths[i] for i in c) // 8) * 8
         assert len(c) == 1 or len(c) * width <= 32
+
+
+def _pass_cost(lengths, chunk, overhead):
+    return len(chunk) * -(-max(max(lengths[i], 1) for i in chunk) // 8) * 8 + overhead
+
+
+def test_plan_chunks_is_the_cheapest_split_of_the_sorted_rows():
+    """Against brute force: every split of the sorted rows into contiguous passes."""
+    import itertools
+    import random
+
+    rng = random.Random(0)
+    for _ in range(200):
+        lengths = [rng.randint(1, 70) for _ in range(rng.randint(1, 8))]
+        overhead, budget = rng.choice([0, 8, 32, 200]), rng.choice([16, 64, 256, 8192])
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+        best = math.inf
+        for cuts in itertools.product([False, True], repeat=len(order) - 1):
+            chunks, cur = [], [order[0]]
+            for cut, i in zip(cuts, order[1:], strict=True):
+                if cut:
+                    chunks.append(cur)
+                    cur = []
+                cur.append(i)
+            chunks.append(cur)
+            if all(len(c) == 1 or _pass_cost(lengths, c, 0) <= budget for c in chunks):
+                best = min(best, sum(_pass_cost(lengths, c, overhead) for c in chunks))
+        plan = plan_chunks(lengths, budget, overhead)
+        assert sorted(i for c in plan for i in c) == list(range(len(lengths)))
+        assert [lengths[i] for c in plan for i in c] == sorted(lengths)
+        assert all(len(c) == 1 or _pass_cost(lengths, c, 0) <= budget for c in plan)
+        assert sum(_pass_cost(lengths, c, overhead) for c in plan) == best, (lengths, plan)
+
+
+def test_plan_chunks_splits_short_from_long_texts_only_when_it_pays():
+    lengths = [5] * 24 + [60] * 8  # one pass would pad 24 short texts to 64
+    assert len(plan_chunks(lengths, 8192, 32)) == 2
+    assert plan_chunks(lengths, 8192, 8192) == [sorted(range(32), key=lambda i: lengths[i])]
+    assert len(plan_chunks([20] * 32, 8192, 32)) == 1  # equal lengths: nothing to save
+
+
+def test_predictor_plans_passes_by_device(tiny_checkpoint):
+    assert Predictor(str(tiny_checkpoint), max_length=64).pass_overhead_tokens == 64
+    assert Predictor(str(tiny_checkpoint), max_length=64,
+                     pass_overhead_tokens=0).pass_overhead_tokens == 0
 
 
 def test_int8_backend_stays_close_to_fp32(tiny_checkpoint):
