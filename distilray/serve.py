@@ -52,6 +52,7 @@ REPLICA_KEYS = ("max_batch_size", "batch_wait_timeout_s", "max_texts", "max_text
 # OpenAPI schema must accept exactly what the server accepts.
 NOT_ONLY_WHITESPACE = (r"[^\t-\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f"
                        r"\u205f\u3000]")
+PAD_MULTIPLE = 8  # a forward pass is padded to a multiple of this many tokens
 LATENCY_BOUNDARIES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000]
 BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 
@@ -172,7 +173,8 @@ class Predictor:
 
     def chunks(self, lengths: Sequence[int]) -> list[list[int]]:
         """Row indices sorted by length, in forward passes planned by `plan_chunks`."""
-        return plan_chunks(lengths, self.max_batch_tokens, self.pass_overhead_tokens)
+        return plan_chunks(lengths, self.max_batch_tokens, self.pass_overhead_tokens,
+                           self.max_length)
 
     def logits(self, texts: Sequence[str]) -> "Any":
         """Logits (numpy, float32) in input order."""
@@ -186,7 +188,7 @@ class Predictor:
         with torch.inference_mode():
             for chunk in self.chunks([len(r) for r in ids]):
                 input_ids, mask = pad_batch([ids[i] for i in chunk], self.pad_id, "dynamic",
-                                            self.max_length, 8)
+                                            self.max_length, PAD_MULTIPLE)
                 out = self.model(input_ids=torch.from_numpy(input_ids).to(self.device),
                                  attention_mask=torch.from_numpy(mask).to(self.device))
                 result[chunk] = out.logits.float().cpu().numpy()
@@ -210,15 +212,17 @@ class Predictor:
 
 
 def plan_chunks(lengths: Sequence[int], max_batch_tokens: int, pass_overhead_tokens: int,
-                multiple: int = 8) -> list[list[int]]:
+                max_length: int) -> list[list[int]]:
     """Split rows, sorted by length, into forward passes of least padded tokens + overhead.
 
-    A pass over rows i..j (sorted) pads them to row j's length rounded up to `multiple`, so it
+    A pass over rows i..j (sorted) is padded by `pad_batch` to row j's `padded_length`, so it
     costs `(j - i + 1) * width + pass_overhead_tokens`; one pass never exceeds
     `max_batch_tokens` unless it is a single row. Exact dynamic programme over the sorted order.
     """
+    from distilray.data import padded_length
+
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    widths = [-(-max(lengths[i], 1) // multiple) * multiple for i in order]
+    widths = [padded_length([lengths[i]], "dynamic", max_length, PAD_MULTIPLE) for i in order]
     best = [0.0] + [math.inf] * len(order)  # best[j]: cost of the first j sorted rows
     start = [0] * (len(order) + 1)
     for j in range(1, len(order) + 1):

@@ -167,7 +167,7 @@ def test_plan_chunks_is_the_cheapest_split_of_the_sorted_rows():
             chunks.append(cur)
             if all(len(c) == 1 or _pass_cost(lengths, c, 0) <= budget for c in chunks):
                 best = min(best, sum(_pass_cost(lengths, c, overhead) for c in chunks))
-        plan = plan_chunks(lengths, budget, overhead)
+        plan = plan_chunks(lengths, budget, overhead, max_length=128)
         assert sorted(i for c in plan for i in c) == list(range(len(lengths)))
         assert [lengths[i] for c in plan for i in c] == sorted(lengths)
         assert all(len(c) == 1 or _pass_cost(lengths, c, 0) <= budget for c in plan)
@@ -176,9 +176,9 @@ def test_plan_chunks_is_the_cheapest_split_of_the_sorted_rows():
 
 def test_plan_chunks_splits_short_from_long_texts_only_when_it_pays():
     lengths = [5] * 24 + [60] * 8  # one pass would pad 24 short texts to 64
-    assert len(plan_chunks(lengths, 8192, 32)) == 2
-    assert plan_chunks(lengths, 8192, 8192) == [sorted(range(32), key=lambda i: lengths[i])]
-    assert len(plan_chunks([20] * 32, 8192, 32)) == 1  # equal lengths: nothing to save
+    assert len(plan_chunks(lengths, 8192, 32, max_length=128)) == 2
+    assert plan_chunks(lengths, 8192, 8192, max_length=128) == [sorted(range(32), key=lambda i: lengths[i])]
+    assert len(plan_chunks([20] * 32, 8192, 32, max_length=128)) == 1  # equal lengths: nothing to save
 
 
 def test_predictor_plans_passes_by_device(tiny_checkpoint):
