@@ -12,6 +12,7 @@ routes (built per config, inside `make_deployment`) from real annotations.
 
 import asyncio
 import collections
+import concurrent.futures
 import hashlib
 import hmac
 import json
@@ -269,9 +270,11 @@ class TextBatcher:
     """
 
     def __init__(self, run: Callable[[list[str]], list[Any]], max_batch_size: int,
-                 wait_s: float = 0.0, on_batch: Callable[[int], None] | None = None):
+                 wait_s: float = 0.0, on_batch: Callable[[int], None] | None = None,
+                 executor: concurrent.futures.Executor | None = None):
         self.run, self.max_batch_size, self.wait_s = run, max_batch_size, wait_s
         self.on_batch = on_batch
+        self.executor = executor
         self.pending: collections.deque[tuple[list[str], asyncio.Future]] = collections.deque()
         self.queued_texts = 0
         self._wakeup: asyncio.Event | None = None
@@ -322,8 +325,9 @@ class TextBatcher:
             if self.on_batch is not None:
                 self.on_batch(len(flat))
             try:
-                # a worker thread, so the event loop keeps accepting and queueing requests
-                preds = await asyncio.to_thread(self.run, flat)
+                # off the event loop, so it keeps accepting and queueing requests
+                preds = await asyncio.get_running_loop().run_in_executor(
+                    self.executor, self.run, flat)
             except Exception as exc:
                 for _, future in batch:
                     if not future.done():
@@ -659,20 +663,29 @@ def make_deployments(cfg: ServeConfig) -> tuple[Any, Any]:
 
             s = replace(ServeConfig(), **settings)
             threads = s.torch_threads or max(1, int(s.num_cpus))
-            torch.set_num_threads(threads)
             device = "cuda" if s.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-            self._predictor = Predictor(checkpoint, s.max_length, s.backend, s.max_batch_tokens,
-                                        device, pass_overhead_tokens=s.pass_overhead_tokens)
+            # All torch work (loading, warm-up, every forward pass) on one thread. Forward
+            # passes on a pool thread after loading on another kept only ~1.6 of 2 cores busy
+            # and ran 1.07-1.42x slower (benchmarks/serve_threads.py); the event loop stays free.
+            self._torch_thread = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="distilray-forward")
+
+            def load() -> Predictor:
+                torch.set_num_threads(threads)
+                return Predictor(checkpoint, s.max_length, s.backend, s.max_batch_tokens,
+                                 device, pass_overhead_tokens=s.pass_overhead_tokens)
+
+            self._predictor = self._torch_thread.submit(load).result()
             self._batch_size = Histogram("distilray_batch_size", "Texts per forward batch",
                                          boundaries=BATCH_BOUNDARIES)
             self._queue = Gauge("distilray_queue_length",
                                 "Texts waiting for or in a forward pass on this replica")
             self._texts = Counter("distilray_texts", "Texts classified")
             self._batcher = TextBatcher(self._forward, s.max_batch_size, s.batch_wait_timeout_s,
-                                        on_batch=self._batch_formed)
+                                        on_batch=self._batch_formed, executor=self._torch_thread)
             self._failures = 0
             t0 = time.perf_counter()
-            self._predictor.predict(["warm-up forward pass"])
+            self._torch_thread.submit(self._predictor.predict, ["warm-up forward pass"]).result()
             self._warmup_ms = (time.perf_counter() - t0) * 1000
             log.info("Classifier replica ready: %s (%s, %s, %d threads), warm-up %.0f ms",
                      self._predictor.info["id"], device, s.backend, threads, self._warmup_ms)

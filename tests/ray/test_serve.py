@@ -60,10 +60,18 @@ def ready(url: str) -> bool:
         return False
 
 
+def model_deployment(app: str) -> str:
+    """The deployment holding the model: Classifier (split) or Ingress (single)."""
+    from ray import serve
+
+    return CLASSIFIER_NAME if CLASSIFIER_NAME in serve.status().applications[app].deployments \
+        else INGRESS_NAME
+
+
 def replica_names(app: str) -> set[str]:
     import ray
 
-    prefix = f"SERVE_REPLICA::{app}#{CLASSIFIER_NAME}#"
+    prefix = f"SERVE_REPLICA::{app}#{model_deployment(app)}#"
     return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
             if a["name"].startswith(prefix)}
 
@@ -74,7 +82,7 @@ def running_replicas(app: str) -> int:
     status = serve.status().applications.get(app)
     if status is None:
         return 0
-    states = status.deployments[CLASSIFIER_NAME].replica_states
+    states = status.deployments[model_deployment(app)].replica_states
     return sum(n for state, n in states.items() if str(state).endswith("RUNNING"))
 
 
@@ -84,6 +92,7 @@ class Load:
     def __init__(self, url: str, workers: int, body: dict, max_requests: int = 20_000):
         self.url, self.workers, self.body, self.max_requests = url, workers, body, max_requests
         self.codes: list[int] = []
+        self.errors: list[str] = []
         self.stop = threading.Event()
         self.pool = ThreadPoolExecutor(workers)
 
@@ -93,8 +102,9 @@ class Load:
                 try:
                     r = session.post(f"{self.url}/v1/classify", json=self.body, timeout=30)
                     self.codes.append(r.status_code)
-                except requests.RequestException:
+                except requests.RequestException as exc:
                     self.codes.append(-1)
+                    self.errors.append(repr(exc))
 
     def __enter__(self) -> Load:
         self.futures = [self.pool.submit(self._worker) for _ in range(self.workers)]
@@ -383,7 +393,7 @@ def test_killing_a_replica_under_load_loses_no_requests(served):
     assert len(load.codes) - killed_at >= 20, "load did not continue after the kill"
     ok = codes[200] / len(load.codes)
     assert ok >= 0.99, codes
-    assert all(c in (200, 503) for c in codes), codes
+    assert all(c in (200, 503) for c in codes), (codes, load.errors)
     wait_until(lambda: victim not in replica_names("main") and running_replicas("main") >= 1,
                300, what="replacement replica")
     assert ready(url)

@@ -354,3 +354,28 @@ def test_batcher_propagates_errors_and_skips_cancelled_requests():
 
     assert asyncio.run(main()) == ["fine"]
     assert ["cancel-me"] not in seen and seen[0] == ["boom", "x"]
+
+
+def test_batcher_runs_every_forward_on_the_given_executor_thread():
+    """The Classifier keeps all torch work on one thread (benchmarks/serve_threads.py)."""
+    import asyncio
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from distilray.serve import TextBatcher
+
+    threads: set[str] = set()
+
+    def run(texts):
+        threads.add(threading.current_thread().name)
+        return texts
+
+    async def main():
+        batcher = TextBatcher(run, max_batch_size=2, executor=pool)
+        return await asyncio.gather(*(batcher.submit([f"t{i}"]) for i in range(9)))
+
+    with ThreadPoolExecutor(1, thread_name_prefix="torch-work") as pool:
+        loading_thread = pool.submit(lambda: threading.current_thread().name).result()
+        results = asyncio.run(main())
+    assert results == [[f"t{i}"] for i in range(9)]
+    assert threads == {loading_thread} and loading_thread.startswith("torch-work")
