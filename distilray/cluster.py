@@ -78,6 +78,31 @@ def use_serve_high_throughput() -> None:
     os.environ.update(with_serve_high_throughput(os.environ))
 
 
+def connect_ray(start_local: bool = True, min_cpus: float | None = None,
+                include_dashboard: bool = True, log_to_driver: bool = True) -> bool:
+    """Join the cluster this process already joined or RAY_ADDRESS's, else start a local one.
+
+    The one place distilray starts a local Ray instance, so every instance gets Serve's
+    high-throughput mode (`distilray quickstart` serves from the instance `train` started).
+    `min_cpus` sizes it for a job (+2 CPUs for Ray Data tasks); None leaves Ray's default.
+    Returns False only when there is no cluster and `start_local` is False.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return True
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=log_to_driver)
+        return True
+    if not start_local:
+        return False
+    use_serve_high_throughput()
+    cpus = None if min_cpus is None else max(os.cpu_count() or 1, int(min_cpus + 0.999) + 2)
+    ray.init(num_cpus=cpus, include_dashboard=include_dashboard, log_to_driver=log_to_driver)
+    return True
+
+
 def default_state_dir() -> Path:
     return Path(os.environ.get("DISTILRAY_CLUSTER_DIR", "~/.distilray/cluster")).expanduser()
 

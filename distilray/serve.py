@@ -30,7 +30,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from distilray.cluster import use_serve_high_throughput, with_serve_high_throughput
+from distilray.cluster import connect_ray, with_serve_high_throughput
 from distilray.config import Config, ServeConfig, config_from_dict
 from distilray.errors import CheckpointError, ConfigError, DistilrayError
 
@@ -834,23 +834,6 @@ def make_deployments(cfg: ServeConfig) -> tuple[Any, Any]:
 # --------------------------------------------------------------------------- starting and stopping
 
 
-def _connect(start_local: bool) -> bool:
-    """Connect to RAY_ADDRESS, a cluster this process already joined, or a new local one."""
-    import ray
-
-    if ray.is_initialized():
-        return True
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=False)
-        return True
-    if not start_local:
-        return False
-    use_serve_high_throughput()
-    ray.init(include_dashboard=False, log_to_driver=False)
-    return True
-
-
 def base_url(cfg: ServeConfig) -> str:
     host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
     prefix = cfg.route_prefix.rstrip("/")
@@ -887,7 +870,7 @@ def start_server(cfg: Config, checkpoint: str, detach: bool = True) -> str:
     s = cfg.serve
     path = check_checkpoint(checkpoint)
     read_token(s.auth_token_env, s.auth_token_file)  # fail here, not in every replica
-    _connect(start_local=True)
+    connect_ray(include_dashboard=False, log_to_driver=False)
     serve.start(http_options=http_options(s))
     actual = serve.context._get_global_client().http_config
     if (actual.host, actual.port) != (s.host, s.port):
@@ -917,7 +900,7 @@ def shutdown_server(cfg: Config) -> bool:
     """Delete the application; shut Serve down when nothing else is deployed. False if none ran."""
     from ray import serve
 
-    if not _connect(start_local=False):
+    if not connect_ray(start_local=False, include_dashboard=False, log_to_driver=False):
         return False
     try:
         apps = serve.status().applications

@@ -21,7 +21,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from distilray.cluster import use_serve_high_throughput
+from distilray import cluster
 from distilray.config import Config, config_from_dict, config_to_dict, dump_config
 from distilray.data import Splits, load_splits, tokenize_texts
 from distilray.engine import (
@@ -471,18 +471,8 @@ def compute_loss(cfg: Config, logits, batch, teacher, student_hidden=None) -> An
 
 def connect_ray(min_cpus: float = 0) -> None:
     """Join RAY_ADDRESS's cluster when set, else start a local one sized for the job."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        cpus = max(os.cpu_count() or 1, int(min_cpus + 0.999) + 2)  # +2 for Ray Data tasks
-        use_serve_high_throughput()  # `distilray quickstart` serves from this instance too
-        # The dashboard serves the State API that Ray Train's placement-group cleaner polls.
-        ray.init(num_cpus=cpus, log_to_driver=True)
+    # The dashboard serves the State API that Ray Train's placement-group cleaner polls.
+    cluster.connect_ray(min_cpus=min_cpus, include_dashboard=True, log_to_driver=True)
 
 
 def preflight(cfg: Config, storage: str) -> None:

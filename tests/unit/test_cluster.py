@@ -288,3 +288,15 @@ def test_cloud_launcher_example_is_a_valid_autoscaling_gpu_cluster():
     submit = header[header.index("distilray train"):header.index("ray down")].replace("\\", " ")
     args = check_entrypoint(" ".join(shlex.split(submit)), cwd=REPO)
     assert args.gpu and args.storage_path.startswith("s3://")
+
+
+def test_connect_ray_without_a_cluster_does_not_start_one_unless_asked(monkeypatch):
+    """`distilray serve --stop` must not start a Ray instance just to find nothing to stop."""
+    import ray
+
+    from distilray.cluster import connect_ray
+
+    assert not ray.is_initialized()
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert connect_ray(start_local=False) is False
+    assert not ray.is_initialized()
