@@ -200,6 +200,11 @@ class ServeConfig:
     ingress_replicas: int = _opt(1, ge=1)
     """Replicas of the light HTTP front (validation, auth, retries); 2+ for high availability.
     Ignored with topology=single."""
+    coalesce: bool = True
+    """Split topology: the Ingress merges the texts of concurrent requests into shared
+    Classifier calls, one call in flight per Classifier replica (one actor hop per batch, not
+    per request); the Classifier then autoscales on the requests in flight at the Ingress.
+    `false`: one Classifier call per request."""
     access_log: bool = True
     """One log line per request in the replica logs (turn off at very high request rates)."""
 
@@ -421,6 +426,13 @@ def cross_check(cfg: Config) -> list[str]:
             f"serve.max_ongoing_requests={s.max_ongoing_requests} must exceed "
             f"serve.target_ongoing_requests={s.target_ongoing_requests}, or replicas never look busy "
             "enough to scale up")
+    if s.topology == "split" and s.coalesce and s.max_batch_size <= s.target_ongoing_requests \
+            and s.max_replicas > max(s.min_replicas, 1):
+        problems.append(
+            f"serve.target_ongoing_requests={s.target_ongoing_requests} must be below "
+            f"serve.max_batch_size={s.max_batch_size} with serve.coalesce: a replica reports about "
+            "one merged batch of texts at a time, so it never looks busy enough to scale up "
+            "(or set serve.coalesce=false)")
     return problems
 
 

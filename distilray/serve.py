@@ -40,6 +40,8 @@ INGRESS_NAME = "Ingress"
 CLASSIFIER_NAME = "Classifier"
 INGRESS_NUM_CPUS = 0.1  # JSON, auth and awaiting the Classifier: no model, little CPU
 IMPORT_PATH = "distilray.serve:build_app"
+TEXTS_POLICY_PATH = "distilray.serve:texts_in_flight_policy"
+TEXTS_IN_FLIGHT = "texts_in_flight"  # the custom autoscaling metric a coalesced Classifier reports
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 # ServeConfig keys the replica reads (passed as `args.serve`); the rest are deployment
@@ -47,7 +49,7 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 REPLICA_KEYS = ("max_batch_size", "batch_wait_timeout_s", "max_texts", "max_text_chars",
                 "request_timeout_s", "auth_token_env", "auth_token_file", "backend", "max_length",
                 "max_batch_tokens", "pass_overhead_tokens", "torch_threads", "num_cpus",
-                "num_gpus", "topology")
+                "num_gpus", "topology", "coalesce")
 # "Some character outside Unicode White_Space", spelled out: `\S` differs between the
 # validator (Rust regex), JSON Schema (ECMA-262) and Python `re` (e.g. on U+0085), and the
 # OpenAPI schema must accept exactly what the server accepts.
@@ -277,6 +279,7 @@ class TextBatcher:
         self.executor = executor
         self.pending: collections.deque[tuple[list[str], asyncio.Future]] = collections.deque()
         self.queued_texts = 0
+        self.forwarding = 0  # texts in the forward pass now running
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
 
@@ -324,6 +327,7 @@ class TextBatcher:
             flat = [t for texts, _ in batch for t in texts]
             if self.on_batch is not None:
                 self.on_batch(len(flat))
+            self.forwarding = len(flat)
             try:
                 # off the event loop, so it keeps accepting and queueing requests
                 preds = await asyncio.get_running_loop().run_in_executor(
@@ -333,11 +337,82 @@ class TextBatcher:
                     if not future.done():
                         future.set_exception(exc)
                 continue
+            finally:
+                self.forwarding = 0
             i = 0
             for texts, future in batch:
                 if not future.done():
                     future.set_result(preds[i: i + len(texts)])
                 i += len(texts)
+
+
+class CallCoalescer:
+    """Merges the texts of concurrent requests into shared downstream calls.
+
+    One call per request costs an actor hop per request; under load the Classifier forwards
+    what queued during its last pass anyway. Here a request that finds a free slot leaves at
+    once (a lone request is never delayed); while every slot is busy, requests queue and
+    leave together, up to `max_batch_size` texts per call, when one frees up.
+
+    `call(texts)` returns `(source, results)`: the slots are the distinct sources (model
+    replicas) that answered within `window_s`, so calls fan out as replicas are added and a
+    second call never waits behind the first on a lone replica with few texts.
+    """
+
+    def __init__(self, call: Callable[[list[str]], Any], max_batch_size: int,
+                 window_s: float = 10.0, clock: Callable[[], float] = time.monotonic,
+                 on_queue: Callable[[int], None] | None = None):
+        self.call, self.max_batch_size, self.window_s = call, max_batch_size, window_s
+        self.clock, self.on_queue = clock, on_queue
+        self.pending: collections.deque[tuple[list[str], asyncio.Future]] = collections.deque()
+        self.queued_texts = 0
+        self.in_flight = 0
+        self.sources: dict[Any, float] = {}
+
+    @property
+    def slots(self) -> int:
+        now = self.clock()
+        self.sources = {k: t for k, t in self.sources.items() if now - t <= self.window_s}
+        return max(1, len(self.sources))
+
+    async def submit(self, texts: list[str]) -> list[Any]:
+        future = asyncio.get_running_loop().create_future()
+        self.pending.append((list(texts), future))
+        self.queued_texts += len(texts)
+        self._dispatch()
+        if self.on_queue is not None:
+            self.on_queue(self.queued_texts)
+        return await future
+
+    _take = TextBatcher._take
+
+    def _dispatch(self) -> None:
+        while self.pending and self.in_flight < self.slots:
+            batch = self._take()
+            if not batch:
+                return
+            self.in_flight += 1
+            asyncio.get_running_loop().create_task(self._run(batch))
+
+    async def _run(self, batch: list[tuple[list[str], asyncio.Future]]) -> None:
+        try:
+            source, results = await self.call([t for texts, _ in batch for t in texts])
+        except Exception as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+        else:
+            self.sources[source] = self.clock()
+            i = 0
+            for texts, future in batch:
+                if not future.done():
+                    future.set_result(results[i: i + len(texts)])
+                i += len(texts)
+        finally:
+            self.in_flight -= 1
+            self._dispatch()
+            if self.on_queue is not None:
+                self.on_queue(self.queued_texts)
 
 
 # --------------------------------------------------------------------------- HTTP schema
@@ -527,6 +602,8 @@ def deployment_options(cfg: ServeConfig) -> list[dict[str, Any]]:
     }
     if cfg.initial_replicas is not None:
         autoscaling["initial_replicas"] = cfg.initial_replicas
+    if cfg.topology == "split" and cfg.coalesce:
+        autoscaling["policy"] = {"policy_function": TEXTS_POLICY_PATH}
     actor: dict[str, Any] = {"num_cpus": cfg.num_cpus}
     if cfg.num_gpus > 0:
         actor["num_gpus"] = cfg.num_gpus
@@ -557,6 +634,21 @@ def deployment_options(cfg: ServeConfig) -> list[dict[str, Any]]:
         **health(),
     }
     return [ingress, classifier]
+
+
+def texts_in_flight_policy(ctx: Any) -> tuple[float, dict]:
+    """Deployment-level Serve autoscaling policy of a coalescing Classifier.
+
+    With `coalesce`, the Ingress merges concurrent requests into about one call per replica,
+    so ongoing calls say nothing about load. Each replica reports the texts waiting for or in
+    its forward pass (`record_autoscaling_stats`); the policy wants their sum over the
+    look-back window divided by `target_ongoing_requests`, which for one-text requests is the
+    ongoing-request count the default policy uses. Serve applies bounds and delays.
+    """
+    texts = (ctx.aggregated_metrics or {}).get(TEXTS_IN_FLIGHT, {})
+    if not texts:  # no report yet: the built-in count (calls queued at handles, cold start)
+        return ctx.total_num_requests / ctx.config.get_target_ongoing_requests(), {}
+    return sum(texts.values()) / ctx.config.get_target_ongoing_requests(), {}
 
 
 def http_options(cfg: ServeConfig) -> dict[str, Any]:
@@ -684,6 +776,7 @@ def make_deployments(cfg: ServeConfig) -> tuple[Any, Any]:
             self._batcher = TextBatcher(self._forward, s.max_batch_size, s.batch_wait_timeout_s,
                                         on_batch=self._batch_formed, executor=self._torch_thread)
             self._failures = 0
+            self._replica_id = serve.get_replica_context().replica_id.unique_id
             t0 = time.perf_counter()
             self._torch_thread.submit(self._predictor.predict, ["warm-up forward pass"]).result()
             self._warmup_ms = (time.perf_counter() - t0) * 1000
@@ -694,6 +787,10 @@ def make_deployments(cfg: ServeConfig) -> tuple[Any, Any]:
             self._queue.set(self._batcher.queued_texts + len(texts))
             return await self._batcher.submit(texts)
 
+        async def classify_merged(self, texts: list[str]) -> tuple[str, list[Prediction]]:
+            """`classify`, tagged with this replica's id (the Ingress counts live replicas)."""
+            return self._replica_id, await self.classify(texts)
+
         def _forward(self, texts: list[str]) -> list[Prediction]:
             try:
                 preds = self._predictor.predict(texts)
@@ -703,6 +800,10 @@ def make_deployments(cfg: ServeConfig) -> tuple[Any, Any]:
             self._failures = 0
             self._texts.inc(len(texts))
             return preds
+
+        def record_autoscaling_stats(self) -> dict[str, float]:
+            """Texts waiting for or in the forward pass: load, however requests were merged."""
+            return {TEXTS_IN_FLIGHT: float(self._batcher.queued_texts + self._batcher.forwarding)}
 
         def _batch_formed(self, size: int) -> None:
             self._batch_size.observe(size)
@@ -738,6 +839,12 @@ def make_deployments(cfg: ServeConfig) -> tuple[Any, Any]:
             self._timeout_s = s.request_timeout_s
             self._chunk = s.max_batch_size
             self._info: dict[str, Any] | None = None
+            self._coalescer = None
+            if s.coalesce and classifier is not None:
+                queue = Gauge("distilray_ingress_queue_length",
+                              "Texts waiting at the Ingress for a Classifier call")
+                self._coalescer = CallCoalescer(self._call_classifier, s.max_batch_size,
+                                                on_queue=queue.set)
 
         def _authorized(self, request: Request) -> bool:
             if self._token is None:
@@ -763,11 +870,17 @@ def make_deployments(cfg: ServeConfig) -> tuple[Any, Any]:
         async def _classify_chunk(self, texts: list[str]) -> list[Prediction]:
             if self._local is not None:
                 return await self._local.classify(texts)
+            if self._coalescer is not None:
+                return await self._coalescer.submit(texts)
+            return await self._call_classifier(texts, self._classifier.classify)
+
+        async def _call_classifier(self, texts: list[str], method: Any = None) -> Any:
             # Classification is idempotent: when a Classifier replica dies mid-request the
             # router marks it dead, and the retry lands on a live (or replacement) replica.
+            method = method or self._classifier.classify_merged
             for attempt in range(1, 4):
                 try:
-                    return await self._classifier.classify.remote(texts)
+                    return await method.remote(texts)
                 except RayActorError:
                     if attempt == 3:
                         raise

@@ -60,18 +60,10 @@ def ready(url: str) -> bool:
         return False
 
 
-def model_deployment(app: str) -> str:
-    """The deployment holding the model: Classifier (split) or Ingress (single)."""
-    from ray import serve
-
-    return CLASSIFIER_NAME if CLASSIFIER_NAME in serve.status().applications[app].deployments \
-        else INGRESS_NAME
-
-
 def replica_names(app: str) -> set[str]:
     import ray
 
-    prefix = f"SERVE_REPLICA::{app}#{model_deployment(app)}#"
+    prefix = f"SERVE_REPLICA::{app}#{CLASSIFIER_NAME}#"
     return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
             if a["name"].startswith(prefix)}
 
@@ -82,7 +74,7 @@ def running_replicas(app: str) -> int:
     status = serve.status().applications.get(app)
     if status is None:
         return 0
-    states = status.deployments[model_deployment(app)].replica_states
+    states = status.deployments[CLASSIFIER_NAME].replica_states
     return sum(n for state, n in states.items() if str(state).endswith("RUNNING"))
 
 
@@ -413,7 +405,8 @@ def test_prometheus_metrics_are_exported(served):
         text = requests.get(metrics_url, timeout=10).text
         wanted = ['distilray_requests_total{', 'status="200"', 'status="422"',
                   "distilray_request_latency_ms_bucket", "distilray_batch_size_bucket",
-                  "distilray_queue_length", "ray_serve_num_http_requests"]
+                  "distilray_queue_length", "distilray_ingress_queue_length",
+                  "ray_serve_num_http_requests"]
         return text if all(w in text for w in wanted) else None
 
     text = wait_until(scrape, 60, every_s=2, what="distilray metrics in Prometheus export")

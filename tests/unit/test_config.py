@@ -58,6 +58,7 @@ def test_apply_overrides_validates():
     (["data.padding=longest"], r"data.padding='longest' is not allowed \(choose one of: 'dynamic' \| 'max_length'\)"),
     (["model.num_labels=3"], r"model.label_names has 2 names but model.num_labels=3"),
     (["serve.max_ongoing_requests=4"], r"serve.max_ongoing_requests=4 must exceed serve.target_ongoing_requests=8.0"),
+    (["serve.max_batch_size=8"], r"serve.target_ongoing_requests=8.0 must be below serve.max_batch_size=8 with serve.coalesce"),
     (["train=3"], r"train must be a mapping of TrainConfig keys"),
     (["lr"], r"override 'lr' must look like section.key=value"),
 ])

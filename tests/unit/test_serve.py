@@ -379,3 +379,120 @@ def test_batcher_runs_every_forward_on_the_given_executor_thread():
         results = asyncio.run(main())
     assert results == [[f"t{i}"] for i in range(9)]
     assert threads == {loading_thread} and loading_thread.startswith("torch-work")
+
+
+def test_coalescer_merges_requests_that_wait_for_a_busy_replica():
+    import asyncio
+
+    from distilray.serve import CallCoalescer
+
+    calls: list[list[str]] = []
+    gates: list[asyncio.Event] = []
+
+    async def call(texts):
+        calls.append(list(texts))
+        gate = asyncio.Event()
+        gates.append(gate)
+        await gate.wait()
+        return "replica-1", [t.upper() for t in texts]
+
+    async def main():
+        co = CallCoalescer(call, max_batch_size=4)
+        first = asyncio.create_task(co.submit(["a"]))  # a free slot: leaves at once
+        await asyncio.sleep(0)
+        rest = [asyncio.create_task(co.submit([f"t{i}"])) for i in range(6)]
+        doomed = asyncio.create_task(co.submit(["gone"]))
+        await asyncio.sleep(0)
+        doomed.cancel()  # timed out while waiting: never sent
+        await asyncio.sleep(0)
+        assert calls == [["a"]]  # one slot (one replica known): the rest wait
+        gates[0].set()
+        assert await first == ["A"]
+        await asyncio.sleep(0)
+        assert calls[1] == ["t0", "t1", "t2", "t3"]  # merged, up to max_batch_size
+        for _ in range(2):
+            gates[-1].set()
+            await asyncio.sleep(0.01)
+        return await asyncio.gather(*rest)
+
+    results = asyncio.run(main())
+    assert results == [[f"T{i}"] for i in range(6)]
+    assert calls == [["a"], ["t0", "t1", "t2", "t3"], ["t4", "t5"]]
+
+
+def test_coalescer_opens_a_slot_per_replica_seen_and_closes_it_when_gone():
+    import asyncio
+
+    from distilray.serve import CallCoalescer
+
+    now = [0.0]
+    replicas = iter(["r1", "r2", "r1", "r2"])
+    in_flight: list[int] = []
+
+    async def call(texts):
+        in_flight.append(co.in_flight)
+        await asyncio.sleep(0.01)
+        return next(replicas), texts
+
+    co = CallCoalescer(call, max_batch_size=1, window_s=10.0, clock=lambda: now[0])
+
+    async def burst():
+        return await asyncio.gather(*(co.submit([f"t{i}"]) for i in range(3)))
+
+    assert co.slots == 1
+    asyncio.run(burst())  # answered by r1 then r2: two replicas known
+    assert co.slots == 2 and max(in_flight) == 1
+    now[0] = 11.0  # neither answered within the window (replicas removed): back to one slot
+    assert co.slots == 1
+
+
+def test_coalescer_fails_every_merged_request_with_the_calls_error():
+    import asyncio
+
+    from distilray.serve import CallCoalescer
+
+    async def call(texts):
+        await asyncio.sleep(0.01)
+        raise RuntimeError("replica lost")
+
+    async def main():
+        co = CallCoalescer(call, max_batch_size=8)
+        results = await asyncio.gather(*(co.submit([f"t{i}"]) for i in range(4)),
+                                       return_exceptions=True)
+        assert co.in_flight == 0 and not co.pending
+        return results
+
+    assert all(isinstance(r, RuntimeError) for r in asyncio.run(main()))
+
+
+def test_texts_in_flight_policy_scales_on_reported_texts():
+    from types import SimpleNamespace
+
+    from ray.serve.config import AutoscalingConfig
+
+    from distilray.serve import TEXTS_IN_FLIGHT, texts_in_flight_policy
+
+    config = AutoscalingConfig(min_replicas=1, max_replicas=4, target_ongoing_requests=8)
+
+    def ctx(metrics, requests=0.0):
+        return SimpleNamespace(aggregated_metrics=metrics, total_num_requests=requests,
+                               config=config)
+
+    assert texts_in_flight_policy(ctx({TEXTS_IN_FLIGHT: {"r1": 20.0, "r2": 12.0}}))[0] == 4.0
+    assert texts_in_flight_policy(ctx({TEXTS_IN_FLIGHT: {"r1": 2.0}}))[0] == 0.25
+    # no report yet (cold start): calls queued at the Ingress's handle
+    assert texts_in_flight_policy(ctx({}, requests=8.0))[0] == 1.0
+
+
+def test_coalescing_split_config_uses_the_texts_policy():
+    from ray.serve.schema import ServeDeploySchema
+
+    from distilray.serve import TEXTS_POLICY_PATH
+
+    for overrides, policy in (([], TEXTS_POLICY_PATH), (["serve.coalesce=false"], None)):
+        cfg = load_config("configs/serve.yaml", overrides)
+        app = ServeDeploySchema.model_validate(
+            emit_serve_config(cfg, "/models/best")).applications[0]
+        clf = {d.name: d for d in app.deployments}[CLASSIFIER_NAME]
+        assert clf.autoscaling_config.get("policy", {}).get("policy_function") == policy
+        assert serve_config_from_args(app.args)[1].coalesce == (policy is not None)
