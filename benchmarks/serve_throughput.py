@@ -4,7 +4,10 @@
         [--concurrency 1 8 32] [--requests 150 400 800] [--duration 30]
 
 (a) naive: FastAPI + one `transformers.pipeline` call per request (uvicorn, one process);
-(b) `distilray serve`: Ray Serve, Ingress + one batched Classifier replica using every core;
+(b) `distilray serve`: Ray Serve, Ingress (merging concurrent requests into shared calls) + one
+    batched Classifier replica using every core;
+(b0) `distilray serve` with `serve.coalesce=false` (`--systems n`): as (b), but one
+    Classifier call per request;
 (b1) `distilray serve` with `serve.topology=single`: one replica that is HTTP front and model
     (one actor hop fewer per request), same cores and batching;
 (c) ceiling: `Predictor` forward passes in-process, one batch of `concurrency` texts at a time.
@@ -152,19 +155,20 @@ def start_naive(ckpt: Path, device: str) -> tuple[str, subprocess.Popen]:
     return url, proc
 
 
-def start_distilray(ckpt: Path, gpu: bool, extra: list[str], topology: str = "split"):
+def start_distilray(ckpt: Path, gpu: bool, extra: list[str], topology: str = "split",
+                    name: str | None = None):
     import ray
 
     from distilray.config import load_config
     from distilray.serve import start_server
 
     cores = cpu_count()
-    if not ray.is_initialized():  # room for both topologies' replicas; only one is measured at a time
-        ray.init(num_cpus=2 * cores, num_gpus=1 if gpu else 0, include_dashboard=False,
+    if not ray.is_initialized():  # room for every variant's replicas; one is measured at a time
+        ray.init(num_cpus=3 * cores, num_gpus=1 if gpu else 0, include_dashboard=False,
                  log_to_driver=False)
     cfg = load_config(None, [
         f"serve.port={PORT}", "serve.min_replicas=1", "serve.max_replicas=1",
-        f"serve.app_name=bench-{topology}", f"serve.route_prefix=/{topology}",
+        f"serve.app_name=bench-{name or topology}", f"serve.route_prefix=/{name or topology}",
         f"serve.topology={topology}",
         # the replica may use every core; its reservation leaves room for the 0.1-CPU Ingress
         f"serve.num_cpus={max(1, cores - 1) if gpu else cores - 0.5}",
@@ -222,7 +226,8 @@ def main() -> None:
                         help="request cap per concurrency level")
     parser.add_argument("--duration", type=float, default=30.0, help="seconds cap per level")
     parser.add_argument("--systems", default="abcs",
-                        help="which of a, b, c and s (= b1, topology=single) to run")
+                        help="which of a, b, c, s (= b1, topology=single) and n (= b0, "
+                             "coalesce=false) to run")
     parser.add_argument("--rounds", type=int, default=3,
                         help="interleaved rounds; caps are split across them")
     parser.add_argument("--gpu", action="store_true", help="run model on CUDA in all systems")
@@ -257,7 +262,8 @@ def main() -> None:
           f" chars, {cpu_count()} CPUs, device {device}, levels {levels}, cap {args.duration}s, "
           f"Serve mode {args.ray_serve_mode}, backend {args.backend}")
     names = {"c": "(c) in-process batched ceiling", "a": "(a) naive FastAPI + pipeline",
-             "b": "(b) distilray serve", "s": "(b1) distilray serve, topology=single"}
+             "b": "(b) distilray serve", "s": "(b1) distilray serve, topology=single",
+             "n": "(b0) distilray serve, coalesce=false"}
     runners, cleanup = {}, []
     if "c" in args.systems:
         ceiling = Ceiling(ckpt, device, args.backend)
@@ -266,10 +272,12 @@ def main() -> None:
         url_a, proc = start_naive(ckpt, device)
         cleanup.append(lambda: (proc.terminate(), proc.wait(timeout=30)))
         runners["a"] = lambda t, c, n, d, u=url_a: asyncio.run(http_level(u, t, c, n, d))
-    for key, topology in (("b", "split"), ("s", "single")):
+    for key, topology, extra in (("b", "split", []), ("s", "single", []),
+                                 ("n", "split", ["serve.coalesce=false"])):
         if key not in args.systems:
             continue
-        url, cfg = start_distilray(ckpt, args.gpu, args.serve_set, topology)
+        url, cfg = start_distilray(ckpt, args.gpu, args.serve_set + extra, topology,
+                                   name="uncoalesced" if key == "n" else None)
 
         def stop(cfg=cfg):
             from distilray.serve import shutdown_server
@@ -303,7 +311,7 @@ def main() -> None:
     by = {(r["system"][:3], r["concurrency"]): r for r in rows}
     print("\n| system | concurrency | vs (a) req/s | p99 / (a) p99 | vs (c) req/s |")
     print("| --- | ---: | ---: | ---: | ---: |")
-    for key, label in (("(b)", "(b)"), ("(b1", "(b1)")):
+    for key, label in (("(b)", "(b)"), ("(b0", "(b0)"), ("(b1", "(b1)")):
         for conc, _ in levels:
             a, b, c = by.get(("(a)", conc)), by.get((key, conc)), by.get(("(c)", conc))
             if b is None:
