@@ -203,8 +203,8 @@ class ServeConfig:
     coalesce: bool = True
     """Split topology: the Ingress merges the texts of concurrent requests into shared
     Classifier calls, one call in flight per Classifier replica (one actor hop per batch, not
-    per request); the Classifier then autoscales on the requests in flight at the Ingress.
-    `false`: one Classifier call per request."""
+    per request); the Classifier then autoscales on the texts waiting for or in its forward
+    passes (`target_ongoing_requests` counts texts). `false`: one Classifier call per request."""
     access_log: bool = True
     """One log line per request in the replica logs (turn off at very high request rates)."""
 
