@@ -261,43 +261,28 @@ def quantize_int8(model: Any) -> Any:
                                 dtype=torch.qint8)
 
 
-class TextBatcher:
-    """Continuous batching: one forward pass at a time, over every text queued meanwhile.
+class TextQueue:
+    """Requests' texts waiting to leave together, and handing each request its share back.
 
-    `serve.batch` (Ray 2.60) keeps forming batches while a forward pass runs and queues them
-    behind `max_concurrent_batches`, so under load it forwards many batches of one or two
-    texts. Here a batch is formed only when the model is free: it takes every waiting request
-    (up to `max_batch_size` texts), and waits `wait_s` for more only if it is not full.
-    A lone request is therefore never delayed when `wait_s` is 0.
+    Shared by `TextBatcher` (into one forward pass) and `CallCoalescer` (into one call).
     """
 
-    def __init__(self, run: Callable[[list[str]], list[Any]], max_batch_size: int,
-                 wait_s: float = 0.0, on_batch: Callable[[int], None] | None = None,
-                 executor: concurrent.futures.Executor | None = None):
-        self.run, self.max_batch_size, self.wait_s = run, max_batch_size, wait_s
-        self.on_batch = on_batch
-        self.executor = executor
+    Batch = list[tuple[list[str], asyncio.Future]]
+
+    def __init__(self, max_batch_size: int):
+        self.max_batch_size = max_batch_size
         self.pending: collections.deque[tuple[list[str], asyncio.Future]] = collections.deque()
         self.queued_texts = 0
-        self.forwarding = 0  # texts in the forward pass now running
-        self._wakeup: asyncio.Event | None = None
-        self._worker: asyncio.Task | None = None
 
-    async def submit(self, texts: list[str]) -> list[Any]:
-        """Predictions for `texts`, computed in a shared forward pass."""
-        loop = asyncio.get_running_loop()
-        if self._worker is None or self._worker.done():
-            self._wakeup = asyncio.Event()
-            self._worker = loop.create_task(self._loop())
-        future = loop.create_future()
+    def _enqueue(self, texts: list[str]) -> asyncio.Future:
+        future = asyncio.get_running_loop().create_future()
         self.pending.append((list(texts), future))
         self.queued_texts += len(texts)
-        assert self._wakeup is not None
-        self._wakeup.set()
-        return await future
+        return future
 
-    def _take(self) -> list[tuple[list[str], asyncio.Future]]:
-        batch: list[tuple[list[str], asyncio.Future]] = []
+    def _take(self) -> Batch:
+        """Waiting requests, oldest first, up to max_batch_size texts (at least one request)."""
+        batch: TextQueue.Batch = []
         size = 0
         while self.pending:
             texts, future = self.pending[0]
@@ -312,6 +297,51 @@ class TextBatcher:
             batch.append((texts, future))
             size += len(texts)
         return batch
+
+    @staticmethod
+    def _settle(batch: Batch, results: Sequence[Any] | None = None,
+                error: BaseException | None = None) -> None:
+        """Each request still waiting gets its slice of `results`, or `error`."""
+        i = 0
+        for texts, future in batch:
+            if not future.done():
+                if error is not None:
+                    future.set_exception(error)
+                else:
+                    future.set_result(results[i: i + len(texts)])  # type: ignore[index]
+            i += len(texts)
+
+
+class TextBatcher(TextQueue):
+    """Continuous batching: one forward pass at a time, over every text queued meanwhile.
+
+    `serve.batch` (Ray 2.60) keeps forming batches while a forward pass runs and queues them
+    behind `max_concurrent_batches`, so under load it forwards many batches of one or two
+    texts. Here a batch is formed only when the model is free: it takes every waiting request
+    (up to `max_batch_size` texts), and waits `wait_s` for more only if it is not full.
+    A lone request is therefore never delayed when `wait_s` is 0.
+    """
+
+    def __init__(self, run: Callable[[list[str]], list[Any]], max_batch_size: int,
+                 wait_s: float = 0.0, on_batch: Callable[[int], None] | None = None,
+                 executor: concurrent.futures.Executor | None = None):
+        super().__init__(max_batch_size)
+        self.run, self.wait_s = run, wait_s
+        self.on_batch = on_batch
+        self.executor = executor
+        self.forwarding = 0  # texts in the forward pass now running
+        self._wakeup: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+
+    async def submit(self, texts: list[str]) -> list[Any]:
+        """Predictions for `texts`, computed in a shared forward pass."""
+        if self._worker is None or self._worker.done():
+            self._wakeup = asyncio.Event()
+            self._worker = asyncio.get_running_loop().create_task(self._loop())
+        future = self._enqueue(texts)
+        assert self._wakeup is not None
+        self._wakeup.set()
+        return await future
 
     async def _loop(self) -> None:
         assert self._wakeup is not None
@@ -333,20 +363,14 @@ class TextBatcher:
                 preds = await asyncio.get_running_loop().run_in_executor(
                     self.executor, self.run, flat)
             except Exception as exc:
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
+                self._settle(batch, error=exc)
                 continue
             finally:
                 self.forwarding = 0
-            i = 0
-            for texts, future in batch:
-                if not future.done():
-                    future.set_result(preds[i: i + len(texts)])
-                i += len(texts)
+            self._settle(batch, preds)
 
 
-class CallCoalescer:
+class CallCoalescer(TextQueue):
     """Merges the texts of concurrent requests into shared downstream calls.
 
     One call per request costs an actor hop per request; under load the Classifier forwards
@@ -362,10 +386,9 @@ class CallCoalescer:
     def __init__(self, call: Callable[[list[str]], Any], max_batch_size: int,
                  window_s: float = 10.0, clock: Callable[[], float] = time.monotonic,
                  on_queue: Callable[[int], None] | None = None):
-        self.call, self.max_batch_size, self.window_s = call, max_batch_size, window_s
+        super().__init__(max_batch_size)
+        self.call, self.window_s = call, window_s
         self.clock, self.on_queue = clock, on_queue
-        self.pending: collections.deque[tuple[list[str], asyncio.Future]] = collections.deque()
-        self.queued_texts = 0
         self.in_flight = 0
         self.sources: dict[Any, float] = {}
 
@@ -376,43 +399,32 @@ class CallCoalescer:
         return max(1, len(self.sources))
 
     async def submit(self, texts: list[str]) -> list[Any]:
-        future = asyncio.get_running_loop().create_future()
-        self.pending.append((list(texts), future))
-        self.queued_texts += len(texts)
+        future = self._enqueue(texts)
         self._dispatch()
-        if self.on_queue is not None:
-            self.on_queue(self.queued_texts)
         return await future
 
-    _take = TextBatcher._take
-
     def _dispatch(self) -> None:
-        while self.pending and self.in_flight < self.slots:
+        slots = self.slots
+        while self.pending and self.in_flight < slots:
             batch = self._take()
             if not batch:
-                return
+                break
             self.in_flight += 1
             asyncio.get_running_loop().create_task(self._run(batch))
+        if self.on_queue is not None:
+            self.on_queue(self.queued_texts)
 
-    async def _run(self, batch: list[tuple[list[str], asyncio.Future]]) -> None:
+    async def _run(self, batch: TextQueue.Batch) -> None:
         try:
             source, results = await self.call([t for texts, _ in batch for t in texts])
         except Exception as exc:
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
+            self._settle(batch, error=exc)
         else:
             self.sources[source] = self.clock()
-            i = 0
-            for texts, future in batch:
-                if not future.done():
-                    future.set_result(results[i: i + len(texts)])
-                i += len(texts)
+            self._settle(batch, results)
         finally:
             self.in_flight -= 1
             self._dispatch()
-            if self.on_queue is not None:
-                self.on_queue(self.queued_texts)
 
 
 # --------------------------------------------------------------------------- HTTP schema
@@ -843,8 +855,12 @@ def make_deployments(cfg: ServeConfig) -> tuple[Any, Any]:
             if s.coalesce and classifier is not None:
                 queue = Gauge("distilray_ingress_queue_length",
                               "Texts waiting at the Ingress for a Classifier call")
-                self._coalescer = CallCoalescer(self._call_classifier, s.max_batch_size,
-                                                on_queue=queue.set)
+                merged = classifier.classify_merged  # a handle per method: made once, here
+                self._coalescer = CallCoalescer(
+                    lambda texts: self._call_classifier(merged, texts), s.max_batch_size,
+                    on_queue=queue.set)
+            elif classifier is not None:
+                self._classify = classifier.classify
 
         def _authorized(self, request: Request) -> bool:
             if self._token is None:
@@ -872,12 +888,11 @@ def make_deployments(cfg: ServeConfig) -> tuple[Any, Any]:
                 return await self._local.classify(texts)
             if self._coalescer is not None:
                 return await self._coalescer.submit(texts)
-            return await self._call_classifier(texts, self._classifier.classify)
+            return await self._call_classifier(self._classify, texts)
 
-        async def _call_classifier(self, texts: list[str], method: Any = None) -> Any:
+        async def _call_classifier(self, method: Any, texts: list[str]) -> Any:
             # Classification is idempotent: when a Classifier replica dies mid-request the
             # router marks it dead, and the retry lands on a live (or replacement) replica.
-            method = method or self._classifier.classify_merged
             for attempt in range(1, 4):
                 try:
                     return await method.remote(texts)
