@@ -88,6 +88,22 @@ def make_checkpoint(model: str, out: Path) -> Path:
     return out
 
 
+def add_random_weights(ckpt: Path, seed: int = 0) -> None:
+    """Seeded random weights for a checkpoint directory that holds only config and tokenizer.
+
+    For hosts without the pretrained weights (a GPU machine with no Hub access): every system
+    runs the same architecture, and a forward pass costs the same whatever the weights' values.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    if any(ckpt.glob("*.safetensors")):
+        raise SystemExit(f"--random-weights: {ckpt} already has weights; refusing to replace them")
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(ckpt))
+    model.save_pretrained(ckpt)
+
+
 def summarize(name: str, conc: int, latencies: list[float], elapsed: float,
               errors: int) -> dict:
     lat = np.asarray(latencies) * 1000 if latencies else np.asarray([np.nan])
@@ -239,6 +255,9 @@ def main() -> None:
                              "(distilray's default) or Ray's Python HTTP proxy")
     parser.add_argument("--backend", choices=["torch", "int8"], default="torch",
                         help="model backend of (b), (b1) and (c); (a) is always the fp32 pipeline")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="--checkpoint holds config + tokenizer only: give it seeded random "
+                             "weights first (same cost per forward pass; no accuracy meaning)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args()
     global PORT
@@ -257,37 +276,42 @@ def main() -> None:
     texts = load_texts(Path(args.data))
     ckpt = Path(args.checkpoint) if args.checkpoint else make_checkpoint(
         args.model, Path(tempfile.mkdtemp(prefix="serve-bench-")))
+    if args.random_weights:
+        if not args.checkpoint:
+            parser.error("--random-weights needs --checkpoint (a directory with config.json)")
+        add_random_weights(ckpt)
     print(f"load average before: {os.getloadavg()[0]:.1f}")
-    print(f"model {args.model} ({ckpt}), {len(texts)} texts, mean {np.mean([len(t) for t in texts]):.0f}"
+    print(f"model {args.checkpoint or args.model} ({ckpt}), {len(texts)} texts, mean {np.mean([len(t) for t in texts]):.0f}"
           f" chars, {cpu_count()} CPUs, device {device}, levels {levels}, cap {args.duration}s, "
           f"Serve mode {args.ray_serve_mode}, backend {args.backend}")
     names = {"c": "(c) in-process batched ceiling", "a": "(a) naive FastAPI + pipeline",
              "b": "(b) distilray serve", "s": "(b1) distilray serve, topology=single",
              "n": "(b0) distilray serve, coalesce=false"}
     runners, cleanup = {}, []
-    if "c" in args.systems:
-        ceiling = Ceiling(ckpt, device, args.backend)
-        runners["c"] = ceiling.level
-    if "a" in args.systems:
-        url_a, proc = start_naive(ckpt, device)
-        cleanup.append(lambda: (proc.terminate(), proc.wait(timeout=30)))
-        runners["a"] = lambda t, c, n, d, u=url_a: asyncio.run(http_level(u, t, c, n, d))
-    for key, topology, extra in (("b", "split", []), ("s", "single", []),
-                                 ("n", "split", ["serve.coalesce=false"])):
-        if key not in args.systems:
-            continue
-        url, cfg = start_distilray(ckpt, args.gpu, args.serve_set + extra, topology,
-                                   name="uncoalesced" if key == "n" else None)
-
-        def stop(cfg=cfg):
-            from distilray.serve import shutdown_server
-            shutdown_server(cfg)
-        cleanup.append(stop)
-        runners[key] = lambda t, c, n, d, u=url: asyncio.run(http_level(u, t, c, n, d))
     # Interleave systems level by level, round after round, so that load from anything else
     # on the machine falls on all three alike; each round gets 1/rounds of the caps.
-    pooled = {(k, c): ([], 0.0, 0) for k in runners for c, _ in levels}
-    try:
+    pooled: dict = {}
+    try:  # servers already started are stopped even when a later one fails to start
+        if "c" in args.systems:
+            ceiling = Ceiling(ckpt, device, args.backend)
+            runners["c"] = ceiling.level
+        if "a" in args.systems:
+            url_a, proc = start_naive(ckpt, device)
+            cleanup.append(lambda: (proc.terminate(), proc.wait(timeout=30)))
+            runners["a"] = lambda t, c, n, d, u=url_a: asyncio.run(http_level(u, t, c, n, d))
+        for key, topology, extra in (("b", "split", []), ("s", "single", []),
+                                     ("n", "split", ["serve.coalesce=false"])):
+            if key not in args.systems:
+                continue
+            url, cfg = start_distilray(ckpt, args.gpu, args.serve_set + extra, topology,
+                                       name="uncoalesced" if key == "n" else None)
+
+            def stop(cfg=cfg):
+                from distilray.serve import shutdown_server
+                shutdown_server(cfg)
+            cleanup.append(stop)
+            runners[key] = lambda t, c, n, d, u=url: asyncio.run(http_level(u, t, c, n, d))
+        pooled = {(k, c): ([], 0.0, 0) for k in runners for c, _ in levels}
         for _ in range(args.rounds):
             for conc, n in levels:
                 for key, run in runners.items():
