@@ -112,23 +112,27 @@ def summarize(name: str, conc: int, latencies: list[float], elapsed: float,
             "p99": float(np.percentile(lat, 99))}
 
 
-async def http_level(url: str, texts: list[str], conc: int, n: int, duration: float) -> tuple:
+async def http_level(url: str, texts: list[str], conc: int, n: int, duration: float,
+                     start_at: float | None = None, offset: int = 0) -> tuple:
+    """`conc` closed-loop clients; after a warm-up, wait until wall time `start_at` if given."""
     import aiohttp
 
     latencies: list[float] = []
     errors = 0
     sent = 0
-    deadline = time.perf_counter() + duration
     connector = aiohttp.TCPConnector(limit=conc)
     async with aiohttp.ClientSession(connector=connector) as session:
         for i in range(conc):  # warm-up: one request per connection, not measured
             async with session.post(url, json={"text": texts[i % len(texts)]}) as r:
                 await r.read()
+        if start_at is not None:
+            await asyncio.sleep(max(0.0, start_at - time.time()))
+        deadline = time.perf_counter() + duration
 
         async def worker() -> None:
             nonlocal sent, errors
             while sent < n and time.perf_counter() < deadline:
-                text = texts[sent % len(texts)]
+                text = texts[(offset + sent) % len(texts)]
                 sent += 1
                 t0 = time.perf_counter()
                 async with session.post(url, json={"text": text}) as r:
@@ -142,6 +146,41 @@ async def http_level(url: str, texts: list[str], conc: int, n: int, duration: fl
         await asyncio.gather(*(worker() for _ in range(conc)))
         elapsed = time.perf_counter() - t0
     return latencies, elapsed, errors
+
+
+def _http_level_in_process(args: tuple) -> tuple:
+    return asyncio.run(http_level(*args))
+
+
+class HttpLoad:
+    """The closed-loop HTTP clients of one level, in this process or split over `procs`
+    spawned processes: one Python client process tops out near 1k requests/s, which a GPU
+    server can pass (on 2 CPUs a second client process would only take the server's cores)."""
+
+    def __init__(self, procs: int = 1):
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.procs = procs
+        self.pool = None
+        if procs > 1:  # spawn: this process holds Ray and maybe CUDA, which fork would copy
+            self.pool = ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn"))
+            list(self.pool.map(time.sleep, [0.0] * procs))  # start them before measuring
+
+    def level(self, url: str, texts: list[str], conc: int, n: int, duration: float) -> tuple:
+        if self.pool is None or conc == 1:
+            return asyncio.run(http_level(url, texts, conc, n, duration))
+        k = min(self.procs, conc)
+        start_at = time.time() + 1.0 + 0.02 * conc  # after every process's warm-up
+        jobs = [(url, texts, conc // k + (i < conc % k), n // k + (i < n % k), duration,
+                 start_at, i * 997) for i in range(k)]
+        results = list(self.pool.map(_http_level_in_process, jobs))
+        return ([x for r in results for x in r[0]], max(r[1] for r in results),
+                sum(r[2] for r in results))
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
 
 
 def wait_http(url: str, timeout_s: float = 300) -> None:
@@ -258,6 +297,9 @@ def main() -> None:
     parser.add_argument("--random-weights", action="store_true",
                         help="--checkpoint holds config + tokenizer only: give it seeded random "
                              "weights first (same cost per forward pass; no accuracy meaning)")
+    parser.add_argument("--client-procs", type=int, default=1,
+                        help="split each HTTP level's clients over this many processes (GPU "
+                             "servers outrun one Python client; keep 1 on a few CPUs)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args()
     global PORT
@@ -283,11 +325,14 @@ def main() -> None:
     print(f"load average before: {os.getloadavg()[0]:.1f}")
     print(f"model {args.checkpoint or args.model} ({ckpt}), {len(texts)} texts, mean {np.mean([len(t) for t in texts]):.0f}"
           f" chars, {cpu_count()} CPUs, device {device}, levels {levels}, cap {args.duration}s, "
-          f"Serve mode {args.ray_serve_mode}, backend {args.backend}")
+          f"Serve mode {args.ray_serve_mode}, backend {args.backend}, client processes "
+          f"{args.client_procs}, (b) overrides {args.serve_set or 'none'}")
     names = {"c": "(c) in-process batched ceiling", "a": "(a) naive FastAPI + pipeline",
              "b": "(b) distilray serve", "s": "(b1) distilray serve, topology=single",
              "n": "(b0) distilray serve, coalesce=false"}
     runners, cleanup = {}, []
+    load = HttpLoad(args.client_procs)
+    cleanup.append(load.close)
     # Interleave systems level by level, round after round, so that load from anything else
     # on the machine falls on all three alike; each round gets 1/rounds of the caps.
     pooled: dict = {}
@@ -298,7 +343,7 @@ def main() -> None:
         if "a" in args.systems:
             url_a, proc = start_naive(ckpt, device)
             cleanup.append(lambda: (proc.terminate(), proc.wait(timeout=30)))
-            runners["a"] = lambda t, c, n, d, u=url_a: asyncio.run(http_level(u, t, c, n, d))
+            runners["a"] = lambda t, c, n, d, u=url_a: load.level(u, t, c, n, d)
         for key, topology, extra in (("b", "split", []), ("s", "single", []),
                                      ("n", "split", ["serve.coalesce=false"])):
             if key not in args.systems:
@@ -310,7 +355,7 @@ def main() -> None:
                 from distilray.serve import shutdown_server
                 shutdown_server(cfg)
             cleanup.append(stop)
-            runners[key] = lambda t, c, n, d, u=url: asyncio.run(http_level(u, t, c, n, d))
+            runners[key] = lambda t, c, n, d, u=url: load.level(u, t, c, n, d)
         pooled = {(k, c): ([], 0.0, 0) for k in runners for c, _ in levels}
         for _ in range(args.rounds):
             for conc, n in levels:
