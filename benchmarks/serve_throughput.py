@@ -10,6 +10,8 @@
     Classifier call per request;
 (b1) `distilray serve` with `serve.topology=single`: one replica that is HTTP front and model
     (one actor hop fewer per request), same cores and batching;
+(b2), (b3) (`--systems f`, `g`): (b) and (b1) with `serve.http_fast_path=false`, every request
+    through FastAPI's routing;
 (c) ceiling: `Predictor` forward passes in-process, one batch of `concurrency` texts at a time.
 (b) and (b1) run on a local Ray instance in Serve's high-throughput mode (HAProxy in front,
 direct ingress, gRPC between deployments), as `distilray serve` starts it; `--ray-serve-mode
@@ -52,6 +54,13 @@ NAIVE_SERVER = textwrap.dedent('''
     def classify(body: dict):
         return {"predictions": [pipe(body["text"], top_k=None)]}
 ''')
+
+
+# (b) and its variants: --systems letter, topology, extra overrides, app name (None: topology)
+VARIANTS = (("b", "split", [], None), ("s", "single", [], None),
+            ("n", "split", ["serve.coalesce=false"], "uncoalesced"),
+            ("f", "split", ["serve.http_fast_path=false"], "no-fast-path"),
+            ("g", "single", ["serve.http_fast_path=false"], "single-no-fast-path"))
 
 
 def free_port() -> int:
@@ -211,7 +220,8 @@ def start_naive(ckpt: Path, device: str) -> tuple[str, subprocess.Popen]:
 
 
 def start_distilray(ckpt: Path, gpu: bool, extra: list[str], topology: str = "split",
-                    name: str | None = None):
+                    name: str | None = None, variants: int = 2):
+    """One `distilray serve` app; `variants` of them share this Ray instance (and the GPU)."""
     import ray
 
     from distilray.config import load_config
@@ -219,7 +229,7 @@ def start_distilray(ckpt: Path, gpu: bool, extra: list[str], topology: str = "sp
 
     cores = cpu_count()
     if not ray.is_initialized():  # room for every variant's replicas; one is measured at a time
-        ray.init(num_cpus=3 * cores, num_gpus=1 if gpu else 0, include_dashboard=False,
+        ray.init(num_cpus=(variants + 1) * cores, num_gpus=1 if gpu else 0, include_dashboard=False,
                  log_to_driver=False)
     cfg = load_config(None, [
         f"serve.port={PORT}", "serve.min_replicas=1", "serve.max_replicas=1",
@@ -227,7 +237,7 @@ def start_distilray(ckpt: Path, gpu: bool, extra: list[str], topology: str = "sp
         f"serve.topology={topology}",
         # the replica may use every core; its reservation leaves room for the 0.1-CPU Ingress
         f"serve.num_cpus={max(1, cores - 1) if gpu else cores - 0.5}",
-        f"serve.torch_threads={cores}", f"serve.num_gpus={0.5 if gpu else 0}",
+        f"serve.torch_threads={cores}", f"serve.num_gpus={round(1 / max(2, variants), 3) if gpu else 0}",
         "serve.max_batch_size=32",
         "serve.max_ongoing_requests=64", "serve.target_ongoing_requests=32", *extra])
     url = start_server(cfg, str(ckpt)) + "/v1/classify"
@@ -281,8 +291,9 @@ def main() -> None:
                         help="request cap per concurrency level")
     parser.add_argument("--duration", type=float, default=30.0, help="seconds cap per level")
     parser.add_argument("--systems", default="abcs",
-                        help="which of a, b, c, s (= b1, topology=single) and n (= b0, "
-                             "coalesce=false) to run")
+                        help="which of a, b, c, s (= b1, topology=single), n (= b0, "
+                             "coalesce=false), f (= b2, http_fast_path=false) and g (= b3, "
+                             "single without the fast path) to run")
     parser.add_argument("--rounds", type=int, default=3,
                         help="interleaved rounds; caps are split across them")
     parser.add_argument("--gpu", action="store_true", help="run model on CUDA in all systems")
@@ -329,7 +340,9 @@ def main() -> None:
           f"{args.client_procs}, (b) overrides {args.serve_set or 'none'}")
     names = {"c": "(c) in-process batched ceiling", "a": "(a) naive FastAPI + pipeline",
              "b": "(b) distilray serve", "s": "(b1) distilray serve, topology=single",
-             "n": "(b0) distilray serve, coalesce=false"}
+             "n": "(b0) distilray serve, coalesce=false",
+             "f": "(b2) distilray serve, http_fast_path=false",
+             "g": "(b3) distilray serve, topology=single, http_fast_path=false"}
     runners, cleanup = {}, []
     load = HttpLoad(args.client_procs)
     cleanup.append(load.close)
@@ -344,12 +357,11 @@ def main() -> None:
             url_a, proc = start_naive(ckpt, device)
             cleanup.append(lambda: (proc.terminate(), proc.wait(timeout=30)))
             runners["a"] = lambda t, c, n, d, u=url_a: load.level(u, t, c, n, d)
-        for key, topology, extra in (("b", "split", []), ("s", "single", []),
-                                     ("n", "split", ["serve.coalesce=false"])):
+        for key, topology, extra, name in VARIANTS:
             if key not in args.systems:
                 continue
-            url, cfg = start_distilray(ckpt, args.gpu, args.serve_set + extra, topology,
-                                       name="uncoalesced" if key == "n" else None)
+            url, cfg = start_distilray(ckpt, args.gpu, args.serve_set + extra, topology, name,
+                                       variants=sum(v[0] in args.systems for v in VARIANTS))
 
             def stop(cfg=cfg):
                 from distilray.serve import shutdown_server
@@ -380,7 +392,8 @@ def main() -> None:
     by = {(r["system"][:3], r["concurrency"]): r for r in rows}
     print("\n| system | concurrency | vs (a) req/s | p99 / (a) p99 | vs (c) req/s |")
     print("| --- | ---: | ---: | ---: | ---: |")
-    for key, label in (("(b)", "(b)"), ("(b0", "(b0)"), ("(b1", "(b1)")):
+    for key, label in (("(b)", "(b)"), ("(b0", "(b0)"), ("(b1", "(b1)"), ("(b2", "(b2)"),
+                       ("(b3", "(b3)")):
         for conc, _ in levels:
             a, b, c = by.get(("(a)", conc)), by.get((key, conc)), by.get(("(c)", conc))
             if b is None:

@@ -198,13 +198,19 @@ class ServeConfig:
     one hop fewer per request (more requests/s, lower latency), but a replica that dies takes
     its in-flight requests with it (no retry)."""
     ingress_replicas: int = _opt(1, ge=1)
-    """Replicas of the light HTTP front (validation, auth, retries); 2+ for high availability.
-    Ignored with topology=single."""
+    """Replicas of the light HTTP front (validation, auth, retries); 2+ for high availability,
+    and on a GPU, where one Ingress's Python work limits requests/s. Ignored with
+    topology=single."""
     coalesce: bool = True
     """Split topology: the Ingress merges the texts of concurrent requests into shared
     Classifier calls, one call in flight per Classifier replica (one actor hop per batch, not
     per request); the Classifier then autoscales on the texts waiting for or in its forward
     passes (`target_ongoing_requests` counts texts). `false`: one Classifier call per request."""
+    http_fast_path: bool = True
+    """`POST /v1/classify` bodies that validate skip FastAPI's routing, dependency and
+    exception layers (same answer, less CPU per request); anything else — bad JSON, invalid
+    fields, a missing token, other routes — takes the FastAPI route unchanged. `false`:
+    every request through FastAPI."""
     access_log: bool = True
     """One log line per request in the replica logs (turn off at very high request rates)."""
 

@@ -496,3 +496,119 @@ def test_coalescing_split_config_uses_the_texts_policy():
         clf = {d.name: d for d in app.deployments}[CLASSIFIER_NAME]
         assert clf.autoscaling_config.get("policy", {}).get("policy_function") == policy
         assert serve_config_from_args(app.args)[1].coalesce == (policy is not None)
+
+
+def _asgi_call(app, method: str, path: str, body_chunks: list[bytes], headers=None,
+               root_path: str = ""):
+    """Drive an ASGI app by hand: returns (messages sent, scope)."""
+    import asyncio
+
+    scope = {"type": "http", "method": method, "path": root_path + path, "root_path": root_path,
+             "headers": headers if headers is not None else [(b"content-type", b"application/json")]}
+    incoming = [{"type": "http.request", "body": c, "more_body": i < len(body_chunks) - 1}
+                for i, c in enumerate(body_chunks)]
+    sent: list[dict] = []
+
+    async def receive():
+        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    return sent, scope
+
+
+class _RecordingApp:
+    """The FastAPI stand-in behind the fast path: records what reached it and its body."""
+
+    def __init__(self):
+        self.bodies: list[bytes] = []
+
+    async def __call__(self, scope, receive, send):
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        self.bodies.append(body)
+        await send({"type": "http.response.start", "status": 422, "headers": []})
+        await send({"type": "http.response.body", "body": b"from fastapi"})
+
+
+def _fast_path(handler):
+    import os
+
+    from distilray.serve import ClassifyFastPath, register_fast_classify
+
+    key = os.urandom(4).hex()
+    register_fast_classify(key, handler)
+    inner = _RecordingApp()
+    return ClassifyFastPath(inner, key), inner
+
+
+def test_fast_path_answers_valid_bodies_without_the_framework():
+    from fastapi.responses import JSONResponse
+
+    seen = []
+
+    async def handler(body, headers):
+        seen.append(body)
+        return JSONResponse({"ok": True})
+
+    app, inner = _fast_path(handler)
+    sent, scope = _asgi_call(app, "POST", "/v1/classify", [b'{"te', b'xt": "hi"}'],
+                             root_path="/split")
+    assert seen == [b'{"text": "hi"}'] and inner.bodies == []
+    assert sent[0]["status"] == 200 and sent[1]["body"] == b'{"ok":true}'
+    assert scope["route"].path == "/v1/classify"  # what StatusMetricsMiddleware labels it
+
+
+def test_fast_path_replays_the_whole_body_into_fastapi_when_the_handler_declines():
+    async def handler(body, headers):
+        return None  # invalid body or missing token: FastAPI answers
+
+    app, inner = _fast_path(handler)
+    sent, _ = _asgi_call(app, "POST", "/v1/classify", [b'{"text": ', b'""}'])
+    assert inner.bodies == [b'{"text": ""}']
+    assert sent[0]["status"] == 422 and sent[1]["body"] == b"from fastapi"
+
+
+@pytest.mark.parametrize("method,path,headers", [
+    ("GET", "/v1/classify", None),
+    ("POST", "/v1/model", None),
+    ("POST", "/v1/classify", [(b"content-type", b"text/plain")]),  # FastAPI: not parsed as JSON
+])
+def test_fast_path_leaves_other_requests_to_fastapi(method, path, headers):
+    async def handler(body, headers):
+        raise AssertionError("the fast path must not see this request")
+
+    app, inner = _fast_path(handler)
+    _asgi_call(app, method, path, [b'{"text": "hi"}'], headers=headers)
+    assert inner.bodies == [b'{"text": "hi"}']
+
+
+def test_fast_path_handler_is_registered_from_a_class_pickled_by_value():
+    """Serve pickles the Ingress class by value, with a copy of the globals it names: the
+    Ingress must register its handler through a module function, not the dict itself."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent('''
+        from ray import cloudpickle
+        import distilray.serve as s
+        from distilray.config import ServeConfig
+        ingress, _ = s.make_deployments(ServeConfig())
+        ours = next(c for c in ingress.func_or_class.__mro__ if "_fast_classify" in vars(c))
+        init = vars(cloudpickle.loads(cloudpickle.dumps(ours)))["__init__"]  # as in a replica
+        assert init.__globals__ is not vars(s)  # the premise: a copy of the globals
+        assert "FAST_CLASSIFY" not in init.__code__.co_names
+        handler = object()
+        init.__globals__["register_fast_classify"]("k", handler)
+        assert s.FAST_CLASSIFY["k"] is handler
+        print("ok")
+    ''')
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
