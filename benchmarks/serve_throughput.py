@@ -357,11 +357,10 @@ def main() -> None:
             url_a, proc = start_naive(ckpt, device)
             cleanup.append(lambda: (proc.terminate(), proc.wait(timeout=30)))
             runners["a"] = lambda t, c, n, d, u=url_a: load.level(u, t, c, n, d)
-        for key, topology, extra, name in VARIANTS:
-            if key not in args.systems:
-                continue
+        variants = [v for v in VARIANTS if v[0] in args.systems]
+        for key, topology, extra, name in variants:
             url, cfg = start_distilray(ckpt, args.gpu, args.serve_set + extra, topology, name,
-                                       variants=sum(v[0] in args.systems for v in VARIANTS))
+                                       variants=len(variants))
 
             def stop(cfg=cfg):
                 from distilray.serve import shutdown_server
@@ -392,8 +391,8 @@ def main() -> None:
     by = {(r["system"][:3], r["concurrency"]): r for r in rows}
     print("\n| system | concurrency | vs (a) req/s | p99 / (a) p99 | vs (c) req/s |")
     print("| --- | ---: | ---: | ---: | ---: |")
-    for key, label in (("(b)", "(b)"), ("(b0", "(b0)"), ("(b1", "(b1)"), ("(b2", "(b2)"),
-                       ("(b3", "(b3)")):
+    for label in ("(b)", "(b0)", "(b1)", "(b2)", "(b3)"):
+        key = label[:3]  # as `by` is keyed
         for conc, _ in levels:
             a, b, c = by.get(("(a)", conc)), by.get((key, conc)), by.get(("(c)", conc))
             if b is None:

@@ -601,14 +601,15 @@ class ClassifyFastPath:
         while more:
             message = await receive()
             if message["type"] != "http.request":  # client gone: let FastAPI see it
-                await self.app(scope, _replay(b"".join(chunks), receive, message), send)
+                await self.app(scope, _replay(message, receive), send)
                 return
             chunks.append(message.get("body", b""))
             more = message.get("more_body", False)
         body = b"".join(chunks)
         response = await handler(body, scope["headers"])
         if response is None:
-            await self.app(scope, _replay(body, receive), send)
+            await self.app(scope, _replay(
+                {"type": "http.request", "body": body, "more_body": False}, receive), send)
             return
         scope["route"] = self.route
         await response(scope, receive, send)
@@ -627,9 +628,9 @@ def _json_content_type(scope: dict) -> bool:
     return True
 
 
-def _replay(body: bytes, receive: Any, first: dict | None = None) -> Any:
-    """A `receive` that gives the already-read body (or `first`) once, then the real one."""
-    pending = [first or {"type": "http.request", "body": body, "more_body": False}]
+def _replay(first: dict, receive: Any) -> Any:
+    """A `receive` that gives the message already read (`first`) once, then the real ones."""
+    pending = [first]
 
     async def replayed() -> dict:
         return pending.pop() if pending else await receive()
@@ -957,8 +958,7 @@ def make_deployments(cfg: ServeConfig) -> tuple[Any, Any]:
                 parsed = self._body.validate_json(body)
             except ValidationError:
                 return None
-            return await self._answer([parsed.text] if hasattr(parsed, "text")
-                                      else list(parsed.texts))
+            return await self._answer(parsed)
 
         async def _model_info(self) -> dict[str, Any]:
             if self._info is None:
@@ -1001,10 +1001,11 @@ def make_deployments(cfg: ServeConfig) -> tuple[Any, Any]:
             if not self._authorized(request):
                 return error_json(401, "unauthorized", "send 'Authorization: Bearer <token>' "
                                   "with the server's token", **{"WWW-Authenticate": "Bearer"})
-            return await self._answer([body.text] if hasattr(body, "text")
-                                      else list(body.texts))
+            return await self._answer(body)
 
-        async def _answer(self, texts: list[str]) -> Any:
+        async def _answer(self, body: Any) -> Any:
+            """Classify a validated `{"text"}` or `{"texts"}` body: the JSON answer or error."""
+            texts = [body.text] if hasattr(body, "text") else list(body.texts)
             chunks = [texts[i: i + self._chunk] for i in range(0, len(texts), self._chunk)]
             tasks = [asyncio.ensure_future(self._classify_chunk(c)) for c in chunks]
             try:
