@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distilray.cluster import SERVE_HIGH_THROUGHPUT_ENV, use_serve_high_throughput
+from distilray.runtime import SERVE_HIGH_THROUGHPUT_ENV, use_serve_high_throughput
 
 REPO = Path(__file__).resolve().parents[1]
 PORT = 0  # Serve's HTTP port, shared by both topologies' applications; set in main()

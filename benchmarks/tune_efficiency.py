@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def search(args: argparse.Namespace, scheduler: str, name: str) -> dict:
     from distilray.config import load_config
-    from distilray.report import _read_jsonl, load_experiment_summary
+    from distilray.files import read_jsonl
+    from distilray.report import load_experiment_summary
     from distilray.tune import run_tune
 
     cfg = load_config(REPO / "tune" / "tiny-grid.yaml", [
@@ -42,7 +43,7 @@ def search(args: argparse.Namespace, scheduler: str, name: str) -> dict:
     exp = load_experiment_summary(Path(args.storage) / name)
     trials = sorted(exp.trials, key=lambda t: (t.params["train.lr"], t.params["train.weight_decay"]))
     # best validation accuracy of each trial, whatever metric ASHA scheduled on
-    acc = {t.trial_id: max((r["eval_accuracy"] for r in _read_jsonl(Path(t.dir) / "result.json")
+    acc = {t.trial_id: max((r["eval_accuracy"] for r in read_jsonl(Path(t.dir) / "result.json")
                             if "eval_accuracy" in r), default=float("nan")) for t in trials}
     return {"scheduler": scheduler, "wall_s": wall, "trials": len(trials),
             "trial_epochs": sum(t.epochs_run for t in trials),

@@ -40,6 +40,7 @@ from typing import Any
 import yaml
 
 from distilray.errors import ClusterError, ConfigError
+from distilray.runtime import with_serve_high_throughput
 
 STATE_FILE = "cluster.json"
 STARTUP_ATTEMPTS = 3
@@ -50,57 +51,6 @@ WORKER_RESOURCE = "distilray_worker"
 # arguments of `JobSubmissionClient.submit_job`.
 JOB_SPEC_KEYS = ("entrypoint", "runtime_env", "metadata", "submission_id", "entrypoint_num_cpus",
                  "entrypoint_num_gpus", "entrypoint_memory", "entrypoint_resources")
-
-
-# Ray Serve's high-throughput mode (Ray >= 2.55): HAProxy, a C load balancer, is the HTTP
-# proxy and sends requests straight to the ingress replicas' own HTTP servers, and
-# deployments call each other over gRPC. Every Ray process reads these when it starts, so
-# they belong on the nodes (`ray start`, the pods' env), not in an application's config.
-SERVE_HIGH_THROUGHPUT_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
-
-
-# A replica that stops stays reachable this long before refusing connections, so that load
-# balancers can deregister it (Ray's default: 30 s). On a local Ray instance HAProxy runs on
-# the same machine and retries refused connections on another replica, so 2 s is enough, and
-# deleting an app (quickstart's shutdown, `distilray serve --stop`) takes seconds, not 30.
-LOCAL_SERVE_DRAIN_ENV = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
-
-
-def with_serve_high_throughput(environ: Mapping[str, str]) -> dict[str, str]:
-    """`environ` plus Serve's high-throughput mode for a local Ray instance, unless `environ`
-    sets those variables itself (`RAY_SERVE_ENABLE_HA_PROXY=0 RAY_SERVE_THROUGHPUT_OPTIMIZED=0`
-    keeps Ray's Python proxy)."""
-    return {**SERVE_HIGH_THROUGHPUT_ENV, **LOCAL_SERVE_DRAIN_ENV, **environ}
-
-
-def use_serve_high_throughput() -> None:
-    """Before this process starts a local Ray instance: its nodes inherit os.environ."""
-    os.environ.update(with_serve_high_throughput(os.environ))
-
-
-def connect_ray(start_local: bool = True, min_cpus: float | None = None,
-                include_dashboard: bool = True, log_to_driver: bool = True) -> bool:
-    """Join the cluster this process already joined or RAY_ADDRESS's, else start a local one.
-
-    The one place distilray starts a local Ray instance, so every instance gets Serve's
-    high-throughput mode (`distilray quickstart` serves from the instance `train` started).
-    `min_cpus` sizes it for a job (+2 CPUs for Ray Data tasks); None leaves Ray's default.
-    Returns False only when there is no cluster and `start_local` is False.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return True
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=log_to_driver)
-        return True
-    if not start_local:
-        return False
-    use_serve_high_throughput()
-    cpus = None if min_cpus is None else max(os.cpu_count() or 1, int(min_cpus + 0.999) + 2)
-    ray.init(num_cpus=cpus, include_dashboard=include_dashboard, log_to_driver=log_to_driver)
-    return True
 
 
 def default_state_dir() -> Path:

@@ -29,8 +29,10 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
+from distilray.checkpoints import WEIGHT_FILES, checkpoint_size, resolve_checkpoint_dir
 from distilray.config import Config, apply_overrides
 from distilray.errors import CheckpointError, ConfigError, ModelError
+from distilray.files import sha256_file, write_parquet_atomic
 from distilray.losses import cosine_hidden_loss, distillation_loss
 
 if TYPE_CHECKING:
@@ -49,7 +51,6 @@ REPORT_FILE = "distill_report.md"
 REPORT_JSON = "distill_report.json"
 LOGITS_CACHE_DIR = ".teacher-logits"
 # Files a server loads from a checkpoint; training_state.pt (optimizer moments) is not one.
-NOT_SERVED = {"training_state.pt"}
 _LAYER_KEY = re.compile(r"^(?P<prefix>(?:.*\.)?transformer\.layer\.)(?P<index>\d+)\.(?P<rest>.+)$")
 
 
@@ -132,14 +133,11 @@ def resolve_teacher_dir(teacher: str) -> Path:
     if not path.is_dir():
         raise CheckpointError(f"distill.teacher={teacher!r}: no such directory; pass --teacher with a "
                               "checkpoint written by distilray train (e.g. RUN_DIR/checkpoint-step…)")
-    if not (path / "config.json").exists() and (path / "result.json").exists():
-        best = json.loads((path / "result.json").read_text()).get("best_checkpoint")
-        if best and Path(best, "config.json").exists():
-            return Path(best).resolve()
+    path = resolve_checkpoint_dir(path)
     if not (path / "config.json").exists():
         raise CheckpointError(f"distill.teacher={teacher!r} has no config.json: not a Hugging Face "
                               "checkpoint (nor a run directory with a best checkpoint in result.json)")
-    if not any((path / f).exists() for f in ("model.safetensors", "pytorch_model.bin")):
+    if not any((path / f).exists() for f in WEIGHT_FILES):
         raise CheckpointError(f"distill.teacher={teacher!r} has no model.safetensors: the checkpoint "
                               "is incomplete; point to a finished checkpoint")
     return path.resolve()
@@ -178,8 +176,7 @@ def build_student(cfg: Config) -> PreTrainedModel:
     import torch
     from transformers import DistilBertForSequenceClassification
 
-    from distilray.model import load_classifier, resolve_model
-    from distilray.train import set_dropout
+    from distilray.model import load_classifier, resolve_model, set_dropout
 
     spec = parse_student(cfg.distill.student)
     if spec.layers is not None:
@@ -322,7 +319,6 @@ class TeacherLogits:
 
 
 def _logits_cache_key(teacher_dir: Path, texts: list[str], max_length: int) -> str:
-    from distilray.model import sha256_file
 
     digest = hashlib.sha256()
     weights = teacher_dir / "model.safetensors"
@@ -341,7 +337,7 @@ def precompute_teacher_logits(run: PreparedRun, batch_size: int = 64) -> pa.Tabl
     import pyarrow.parquet as pq
     import ray.data
 
-    from distilray.train import is_uri, quiet_ray_data
+    from distilray.runtime import is_uri, quiet_ray_data
 
     cfg = run.cfg
     teacher_dir = resolve_teacher_dir(cfg.distill.teacher or "")
@@ -375,28 +371,8 @@ def precompute_teacher_logits(run: PreparedRun, batch_size: int = 64) -> pa.Tabl
     log.info("teacher logits: %d rows by %d Ray Data actors in %.1fs", table.num_rows, actors,
              time.time() - started)
     if cache is not None:
-        write_table_atomically(table, cache)
+        write_parquet_atomic(table, cache)
     return table
-
-
-def write_table_atomically(table: pa.Table, path: Path) -> None:
-    """Write a parquet file via a temp file of this writer's own, then rename it into place.
-
-    Concurrent Tune trials may compute the same teacher logits at once; each renames its own
-    complete file, so a reader never sees a partial one and no writer loses its temp file.
-    """
-    import os
-    import uuid
-
-    import pyarrow.parquet as pq
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        pq.write_table(table, tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- measuring
@@ -414,11 +390,6 @@ class ModelScore:
     layers: int
     size_bytes: int
     samples_per_s: float
-
-
-def checkpoint_size(path: str | Path) -> int:
-    """Bytes a server loads: every file of the checkpoint except the optimizer state."""
-    return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file() and f.name not in NOT_SERVED)
 
 
 def measure_checkpoints(checkpoints: dict[str, str], texts: list[str], labels: list[int],
@@ -522,10 +493,11 @@ def distill_config(cfg: Config, args: argparse.Namespace | None = None) -> Confi
 
 def run_distillation(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
     """Validate, precompute teacher logits when configured, and fit the student on Ray Train."""
-    from distilray.train import connect_ray, fit, preflight, prepare_run
+    from distilray.runtime import connect_ray
+    from distilray.train import fit, preflight, prepare_run
 
     run = prepare_run(cfg)  # sets model.name to the teacher, runs check_distill_config
-    connect_ray(run.cfg.train.num_workers * run.cfg.train.cpus_per_worker)
+    connect_ray(min_cpus=run.cfg.train.num_workers * run.cfg.train.cpus_per_worker)
     preflight(run.cfg, run.storage)
     extra = None
     if run.cfg.distill.teacher_logits == "precomputed":
@@ -548,7 +520,7 @@ def write_report(run_dir: str | Path, scores: list[ModelScore], cfg: Config, not
 def distill_main(cfg: Config, args: argparse.Namespace | None = None) -> int:
     """`distilray distill`: train the student, then compare it with the teacher in one report."""
     from distilray.data import load_splits
-    from distilray.train import is_uri
+    from distilray.runtime import is_uri
 
     cfg = distill_config(cfg, args)
     summary = run_distillation(cfg)

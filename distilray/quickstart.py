@@ -34,8 +34,9 @@ def _banner(step: int, text: str, started: float) -> None:
 def run_quickstart(cfg: Config | None = None, keep_serving: bool = False) -> dict:
     """Fine-tune with Ray Train, search lr with Ray Tune (ASHA), serve the best, classify."""
     from distilray.client import classify
+    from distilray.runtime import connect_ray
     from distilray.serve import shutdown_server, start_server
-    from distilray.train import connect_ray, run_training
+    from distilray.train import run_training
     from distilray.tune import run_tune
 
     cfg = cfg or default_config()

@@ -15,12 +15,12 @@ import html
 import io
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from distilray.errors import ConfigError
+from distilray.files import read_jsonl, write_text_atomic
 
 PALETTE = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7",
            "#9c755f", "#bab0ac", "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#17becf"]
@@ -63,18 +63,6 @@ class ExperimentSummary:
 # --------------------------------------------------------------------------- reading
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line torn by a killed driver
-    return rows
-
-
 def _trial_dirs(exp_dir: Path) -> list[Path]:
     return sorted(p.parent for p in exp_dir.glob("*/params.json"))
 
@@ -94,7 +82,7 @@ def summarise_trial(trial_dir: Path, metric: str, mode: str,
                     last_event: dict[str, Any] | None) -> TrialSummary:
     """One trial from its params.json and result.json (which a resumed trial appends to)."""
     params = json.loads((trial_dir / "params.json").read_text())
-    rows = [r for r in _read_jsonl(trial_dir / "result.json") if metric in r]
+    rows = [r for r in read_jsonl(trial_dir / "result.json") if metric in r]
     by_step: dict[Any, dict[str, Any]] = {}
     time_s, segment, last_total = 0.0, 0.0, None
     for row in rows:
@@ -133,11 +121,11 @@ def load_experiment_summary(exp_dir: str | Path) -> ExperimentSummary:
     cfg = load_config(exp_dir / CONFIG_FILE)
     tc = cfg.tune
     last_events: dict[str, dict[str, Any]] = {}
-    for event in _read_jsonl(exp_dir / EVENTS_FILE):
+    for event in read_jsonl(exp_dir / EVENTS_FILE):
         last_events[event.get("trial_id", "")] = event
     trials = []
     for trial_dir in _trial_dirs(exp_dir):
-        rows = _read_jsonl(trial_dir / "result.json")
+        rows = read_jsonl(trial_dir / "result.json")
         tid = _trial_id(trial_dir, rows)
         trials.append(summarise_trial(trial_dir, tc.metric, tc.mode, last_events.get(tid)))
     best = json.loads((exp_dir / BEST_FILE).read_text()) if (exp_dir / BEST_FILE).exists() else None
@@ -195,13 +183,7 @@ def write_csv(exp: ExperimentSummary, path: Path) -> None:
                          "" if t.best_epoch is None else t.best_epoch,
                          t.curve[-1][1] if t.curve else "", t.epochs_run,
                          str(t.stopped_early).lower(), t.status, round(t.time_s, 1)])
-    _write_atomic(path, buf.getvalue())
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, buf.getvalue())
 
 
 # --------------------------------------------------------------------------- SVG plots
@@ -524,11 +506,11 @@ def write_report(exp_dir: str | Path) -> dict[str, str]:
     plot_dir = exp.dir / "plots"
     plot_dir.mkdir(exist_ok=True)
     for name, (_, svg) in plots.items():
-        _write_atomic(plot_dir / f"{name}.svg", svg)
+        write_text_atomic(plot_dir / f"{name}.svg", svg)
     paths = {"csv": exp.dir / "trials.csv", "md": exp.dir / "report.md", "html": exp.dir / "report.html"}
     write_csv(exp, paths["csv"])
-    _write_atomic(paths["md"], render_markdown(exp, plots))
-    _write_atomic(paths["html"], render_html(exp, plots))
+    write_text_atomic(paths["md"], render_markdown(exp, plots))
+    write_text_atomic(paths["html"], render_html(exp, plots))
     return {k: str(v) for k, v in paths.items()}
 
 

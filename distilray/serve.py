@@ -13,9 +13,7 @@ routes (built per config, inside `make_deployment`) from real annotations.
 import asyncio
 import collections
 import concurrent.futures
-import hashlib
 import hmac
-import json
 import logging
 import math
 import os
@@ -30,9 +28,10 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
 
-from distilray.cluster import connect_ray, with_serve_high_throughput
+from distilray.checkpoints import check_servable, checkpoint_info
 from distilray.config import Config, ServeConfig, config_from_dict
 from distilray.errors import CheckpointError, ConfigError, DistilrayError
+from distilray.runtime import connect_ray, with_serve_high_throughput
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +41,6 @@ INGRESS_NUM_CPUS = 0.1  # JSON, auth and awaiting the Classifier: no model, litt
 IMPORT_PATH = "distilray.serve:build_app"
 TEXTS_POLICY_PATH = "distilray.serve:texts_in_flight_policy"
 TEXTS_IN_FLIGHT = "texts_in_flight"  # the custom autoscaling metric a coalesced Classifier reports
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 # ServeConfig keys the replica reads (passed as `args.serve`); the rest are deployment
 # options, written once in the Serve config's `deployments:` section where Serve applies them.
 REPLICA_KEYS = ("max_batch_size", "batch_wait_timeout_s", "max_texts", "max_text_chars",
@@ -82,45 +79,6 @@ def resolve_checkpoint(checkpoint: str | None = None, experiment: str | None = N
     return checkpoint
 
 
-def check_checkpoint(checkpoint: str) -> Path:
-    """Fail early, naming the missing file, unless `checkpoint` is a servable HF directory."""
-    path = Path(checkpoint).expanduser()
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint {checkpoint}: no such directory")
-    if not (path / "config.json").exists():
-        raise CheckpointError(f"checkpoint {path}: no config.json — not a Hugging Face model "
-                              "directory (serve a `distilray train` checkpoint or a tune best/)")
-    if not any((path / f).exists() for f in WEIGHT_FILES):
-        raise CheckpointError(f"checkpoint {path}: no weights ({' or '.join(WEIGHT_FILES)})")
-    if not any((path / f).exists() for f in TOKENIZER_FILES):
-        raise CheckpointError(f"checkpoint {path}: no tokenizer ({' or '.join(TOKENIZER_FILES)}); "
-                              "save it with tokenizer.save_pretrained(dir)")
-    return path.resolve()
-
-
-def checkpoint_info(path: Path) -> dict[str, Any]:
-    """Identity of a checkpoint: `distilray.json` fields plus a short hash of the weights."""
-    meta: dict[str, Any] = {}
-    meta_file = path / "distilray.json"
-    if meta_file.exists():
-        try:
-            meta = json.loads(meta_file.read_text())
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"{meta_file}: not valid JSON ({exc})") from None
-    weights = next(path / f for f in WEIGHT_FILES if (path / f).exists())
-    digest = hashlib.sha256()
-    with open(weights, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    sha = digest.hexdigest()[:12]
-    run = meta.get("run_name") or path.name
-    step = meta.get("step")
-    ident = f"{run}@step{step}:{sha}" if step is not None else f"{run}:{sha}"
-    return {"id": ident, "sha256_12": sha, "path": str(path), **{
-        k: meta[k] for k in ("run_name", "step", "epoch", "metrics", "model_name", "max_length")
-        if k in meta}}
-
-
 # --------------------------------------------------------------------------- inference
 
 
@@ -140,7 +98,7 @@ class Predictor:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        path = check_checkpoint(checkpoint)
+        path = check_servable(checkpoint)
         if torch_threads > 0:
             torch.set_num_threads(torch_threads)
         self.info = checkpoint_info(path)
@@ -1091,7 +1049,7 @@ def start_server(cfg: Config, checkpoint: str, detach: bool = True) -> str:
     from ray import serve
 
     s = cfg.serve
-    path = check_checkpoint(checkpoint)
+    path = check_servable(checkpoint)
     read_token(s.auth_token_env, s.auth_token_file)  # fail here, not in every replica
     connect_ray(include_dashboard=False, log_to_driver=False)
     serve.start(http_options=http_options(s))
@@ -1181,7 +1139,7 @@ def serve_main(cfg: Config, args: Any) -> int:
     if getattr(args, "emit_config", None):
         local = Path(checkpoint).expanduser()
         if local.exists():
-            ckpt = str(check_checkpoint(checkpoint))
+            ckpt = str(check_servable(checkpoint))
         else:  # a path that exists where the config is deployed (a volume in the pods)
             log.info("%s does not exist here; writing it as given", checkpoint)
             ckpt = checkpoint
@@ -1191,7 +1149,7 @@ def serve_main(cfg: Config, args: Any) -> int:
         Path(args.emit_config).write_text(text)
         print(f"wrote {args.emit_config}")
         return 0
-    check_checkpoint(checkpoint)
+    check_servable(checkpoint)
     if args.detach and not os.environ.get("RAY_ADDRESS"):
         address = _running_cluster_address()
         if address is None:

@@ -21,7 +21,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from distilray import cluster
+from distilray import checkpoints
+from distilray.checkpoints import METRICS_FILE, TRAINING_STATE, checkpoint_name, write_result
 from distilray.config import Config, config_from_dict, config_to_dict, dump_config
 from distilray.data import Splits, load_splits, tokenize_texts
 from distilray.engine import (
@@ -35,46 +36,23 @@ from distilray.engine import (
     step_seed,
 )
 from distilray.errors import ClusterError, ConfigError, DistilrayError
+from distilray.files import read_jsonl
 from distilray.metrics import metrics_from_confusion
 from distilray.model import load_tokenizer, resolve_model
+from distilray.runtime import (
+    DATA_CPUS,
+    check_storage_writable,
+    connect_ray,
+    is_uri,
+    quiet_ray_data,
+    resolve_storage,
+)
 
 log = logging.getLogger(__name__)
 
-TRAINING_STATE = "training_state.pt"
-CHECKPOINT_META = "distilray.json"
-RESULT_FILE = "result.json"
-METRICS_FILE = "metrics.jsonl"
-DATA_CPUS = 1
-"""CPUs left free for Ray Data's tokenising tasks; without one the trainer waits forever."""
 REPORTED_METRICS = ("eval_accuracy", "eval_macro_f1", "eval_loss", "eval_count", "step", "epoch", "lr",
                     "train_loss")
 """Keys of every `ray.train.report` of `train_loop_per_worker` (what Tune can rank and schedule on)."""
-
-
-# --------------------------------------------------------------------------- storage
-
-
-def is_uri(path: str) -> bool:
-    return "://" in path
-
-
-def resolve_storage(path: str) -> str:
-    return path if is_uri(path) else str(Path(path).expanduser().resolve())
-
-
-def check_storage_writable(storage: str) -> None:
-    """Fail before any work when checkpoints could not be written."""
-    if is_uri(storage):
-        return
-    path = Path(storage)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".distilray-write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError(f"train.storage_path={storage!r} is not writable ({exc.strerror}); "
-                          "choose a directory you can write to, or an s3:// / gs:// URI") from None
 
 
 def default_run_name() -> str:
@@ -103,23 +81,10 @@ class RunLog:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / METRICS_FILE
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(Path(run_dir) / METRICS_FILE)
 
 
 # --------------------------------------------------------------------------- Ray Data glue
-
-
-def quiet_ray_data() -> None:
-    """Our own progress lines (loss, samples/s, ETA) replace Ray Data's per-dataset bars."""
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.enable_operator_progress_bars = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 @lru_cache(maxsize=4)
@@ -184,7 +149,7 @@ def make_collate(pad_id: int, padding: str, max_length: int, multiple_of: int):
 
 def build_model(cfg: Config):
     """The model a worker trains: the configured classifier, or a distillation student."""
-    from distilray.model import load_classifier
+    from distilray.model import load_classifier, set_dropout
 
     if cfg.distill.teacher:
         from distilray.distill import build_student
@@ -197,24 +162,9 @@ def build_model(cfg: Config):
     return model
 
 
-def set_dropout(model, p: float) -> None:
-    import torch
-
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = p
-
-
 def save_checkpoint(directory: Path, model, tokenizer, optimizer, scheduler, scaler, step: int,
                     epoch: int, metrics: dict[str, Any], cfg: Config) -> None:
     """Hugging Face format (+ training state) so `pipeline(model=dir)` loads it directly."""
-    import torch
-
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "step": step, "epoch": epoch}, directory / TRAINING_STATE)
     meta = {"run_name": cfg.train.name, "step": step, "epoch": epoch, "metrics": metrics,
             "model_name": cfg.model.name, "max_length": cfg.data.max_length,
             "label_names": cfg.model.label_names}
@@ -223,7 +173,10 @@ def save_checkpoint(directory: Path, model, tokenizer, optimizer, scheduler, sca
         meta["model_name"] = d.student
         meta["distill"] = {"teacher": d.teacher, "student": d.student, "temperature": d.temperature,
                            "alpha": d.alpha, "cosine_weight": d.cosine_weight}
-    (directory / CHECKPOINT_META).write_text(json.dumps(meta, indent=2))
+    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "scaler": scaler.state_dict() if scaler is not None else None,
+             "step": step, "epoch": epoch}
+    checkpoints.save_checkpoint(directory, model, tokenizer, state, meta)
 
 
 def _all_reduce_sum(values: list[float], device) -> list[float]:
@@ -345,7 +298,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 save_checkpoint(Path(tmp), raw_model, tokenizer, optimizer, scheduler, scaler,
                                 step, int(step // plan.steps_per_epoch), metrics, cfg)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                                 checkpoint_dir_name=f"checkpoint-step{step:07d}")
+                                 checkpoint_dir_name=checkpoint_name(step))
         else:
             ray.train.report(metrics, checkpoint=None)
 
@@ -469,12 +422,6 @@ def compute_loss(cfg: Config, logits, batch, teacher, student_hidden=None) -> An
 # --------------------------------------------------------------------------- driver
 
 
-def connect_ray(min_cpus: float = 0) -> None:
-    """Join RAY_ADDRESS's cluster when set, else start a local one sized for the job."""
-    # The dashboard serves the State API that Ray Train's placement-group cleaner polls.
-    cluster.connect_ray(min_cpus=min_cpus, include_dashboard=True, log_to_driver=True)
-
-
 def preflight(cfg: Config, storage: str) -> None:
     """Refuse jobs the connected cluster can never run: too many workers, no GPU, no shared storage."""
     import ray
@@ -563,7 +510,7 @@ def run_training(cfg: Config, dry_run: bool = False, callbacks: list | None = No
         print(f"dry run OK: run '{run.cfg.train.name}', {run.plan.total_steps} steps on "
               f"{run.cfg.train.num_workers} worker(s); checkpoints under {run.storage}/{run.cfg.train.name}")
         return {"dry_run": True, "plan": run.plan.to_dict()}
-    connect_ray(run.cfg.train.num_workers * run.cfg.train.cpus_per_worker)
+    connect_ray(min_cpus=run.cfg.train.num_workers * run.cfg.train.cpus_per_worker)
     preflight(run.cfg, run.storage)
     return fit(run, callbacks=callbacks)
 
@@ -628,9 +575,7 @@ def fit(run: PreparedRun, extra_train_columns: pa.Table | None = None,
         "total_steps": plan.total_steps, "wall_time_s": round(time.time() - started, 1),
     }
     if not is_uri(run_dir):
-        tmp = Path(run_dir) / f".{RESULT_FILE}.tmp"
-        tmp.write_text(json.dumps(summary, indent=2, default=str))
-        os.replace(tmp, Path(run_dir) / RESULT_FILE)
+        write_result(run_dir, summary)
     if best:
         acc = best[1].get("eval_accuracy")
         print(f"\nrun '{tc.name}' finished: best checkpoint {best[0]}"

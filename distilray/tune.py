@@ -25,16 +25,18 @@ import io
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from distilray.checkpoints import NOT_SERVED
 from distilray.config import Config, apply_overrides, config_to_dict, dump_config, load_config
 from distilray.errors import ClusterError, ConfigError, DistilrayError
-from distilray.train import REPORTED_METRICS, is_uri, resolve_storage
+from distilray.files import replace_dir_atomic, write_json_atomic
+from distilray.runtime import DATA_CPUS, connect_ray, is_uri, resolve_storage
+from distilray.train import REPORTED_METRICS
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +45,6 @@ EVENTS_FILE = "events.jsonl"
 BEST_DIR = "best"
 BEST_FILE = "best.json"
 RUNS_DIR = "runs"
-DATA_CPUS = 1.0
 """CPUs kept free for Ray Data's tokenising tasks (1 CPU each), which every trial's datasets need."""
 FREE_AFTER_S = 10.0
 """Seconds between a trial being stopped and freeing what its killed Train run still holds."""
@@ -444,12 +445,6 @@ def _progress_callback(exp_dir: Path, metric: str, mode: str, total: int, schedu
     return Progress()
 
 
-def connect(cfg: Config) -> None:
-    from distilray.train import connect_ray
-
-    connect_ray(cfg.tune.driver_cpus + cfg.train.num_workers * cfg.train.cpus_per_worker)
-
-
 def preflight_cluster(cfg: Config) -> Config:
     """Refuse trials no node (or the whole cluster) can ever hold, before any trial starts.
 
@@ -567,7 +562,7 @@ def run_tune(cfg: Config, resume: str | None = None) -> dict[str, Any]:
 
     exp = load_experiment(resume, cfg.tune.storage_path) if resume else new_experiment(cfg)
     cfg = exp.cfg
-    connect(cfg)
+    connect_ray(min_cpus=cfg.tune.driver_cpus + cfg.train.num_workers * cfg.train.cpus_per_worker)
     cfg = preflight_cluster(cfg)
     exp = dataclasses.replace(exp, cfg=cfg)
     from ray import tune
@@ -654,19 +649,13 @@ def export_best(exp_dir: Path, metric: str, mode: str) -> dict[str, Any] | None:
         import yaml
 
         info["config"] = yaml.safe_load(run_config.read_text())
-    tmp = exp_dir / f".{BEST_DIR}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(best["path"], tmp, ignore=shutil.ignore_patterns("training_state.pt"))
-    (tmp / BEST_FILE).write_text(json.dumps(info, indent=2, default=str))
-    target = exp_dir / BEST_DIR
-    old = exp_dir / f".{BEST_DIR}.old-{os.getpid()}"
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
-    best_json = exp_dir / f".{BEST_FILE}.tmp"
-    best_json.write_text(json.dumps(info, indent=2, default=str))
-    os.replace(best_json, exp_dir / BEST_FILE)
+    def build(tmp: Path) -> None:
+        shutil.copytree(best["path"], tmp, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns(*NOT_SERVED))
+        write_json_atomic(tmp / BEST_FILE, info)
+
+    replace_dir_atomic(build, exp_dir / BEST_DIR)
+    write_json_atomic(exp_dir / BEST_FILE, info)
     return info
 
 

@@ -294,7 +294,7 @@ def test_connect_ray_without_a_cluster_does_not_start_one_unless_asked():
     """`distilray serve --stop` must not start a Ray instance just to find nothing to stop.
 
     In a fresh interpreter: the suite's own Ray instance may be up in this one."""
-    code = ("import ray\nfrom distilray.cluster import connect_ray\n"
+    code = ("import ray\nfrom distilray.runtime import connect_ray\n"
             "print(connect_ray(start_local=False), ray.is_initialized())")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from distilray.checkpoints import checkpoint_size
 from distilray.cli import main
 from distilray.config import load_config
 from distilray.distill import (
     ModelScore,
     build_student,
     check_distill_config,
-    checkpoint_size,
     distill_step_loss,
     init_student_from_teacher,
     load_teacher,
@@ -25,9 +25,9 @@ from distilray.distill import (
     resolve_teacher_dir,
     retention,
     student_layer_map,
-    write_table_atomically,
 )
 from distilray.errors import CheckpointError, ConfigError, ModelError
+from distilray.files import write_parquet_atomic
 from distilray.losses import distillation_loss
 from distilray.model import ModelSource, load_tokenizer, tiny_dir
 
@@ -346,7 +346,7 @@ def test_concurrent_cache_writers_all_succeed_and_leave_one_complete_file(tmp_pa
     def write() -> None:
         try:
             for _ in range(5):
-                write_table_atomically(table, cache)
+                write_parquet_atomic(table, cache)
         except BaseException as exc:  # noqa: BLE001 - collected for the assertion below
             errors.append(exc)
 

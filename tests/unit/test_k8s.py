@@ -297,7 +297,7 @@ def test_ray_clusters_use_token_auth_autoscaling_and_shared_storage(overlay):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_ray_container_runs_serve_in_high_throughput_mode(overlay):
     """Every Ray process reads these at start, so every head and worker container sets them."""
-    from distilray.cluster import SERVE_HIGH_THROUGHPUT_ENV
+    from distilray.runtime import SERVE_HIGH_THROUGHPUT_ENV
 
     for doc in of_kind(render(overlay), "RayCluster") + of_kind(render(overlay), "RayJob") + \
             of_kind(render(overlay), "RayService"):

@@ -10,6 +10,7 @@ import pytest
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
+from distilray.checkpoints import check_servable
 from distilray.config import load_config
 from distilray.errors import CheckpointError, ConfigError, DistilrayError
 from distilray.serve import (
@@ -17,7 +18,6 @@ from distilray.serve import (
     IMPORT_PATH,
     INGRESS_NAME,
     Predictor,
-    check_checkpoint,
     describe_validation_errors,
     emit_serve_config,
     plan_chunks,
@@ -197,12 +197,12 @@ def test_int8_backend_stays_close_to_fp32(tiny_checkpoint):
 
 def test_checkpoint_errors_name_the_problem(tmp_path, tiny_checkpoint):
     with pytest.raises(CheckpointError, match="no such directory"):
-        check_checkpoint(str(tmp_path / "missing"))
+        check_servable(str(tmp_path / "missing"))
     with pytest.raises(CheckpointError, match="no config.json"):
-        check_checkpoint(str(tmp_path))
+        check_servable(str(tmp_path))
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(CheckpointError, match="no weights"):
-        check_checkpoint(str(tmp_path))
+        check_servable(str(tmp_path))
     exp = tmp_path / "exp"
     exp.mkdir()
     with pytest.raises(CheckpointError, match="no best/"):
@@ -213,7 +213,7 @@ def test_checkpoint_errors_name_the_problem(tmp_path, tiny_checkpoint):
         resolve_checkpoint()
     with pytest.raises(ConfigError, match="not both"):
         resolve_checkpoint("a", "b")
-    assert check_checkpoint(str(tiny_checkpoint)) == tiny_checkpoint.resolve()
+    assert check_servable(str(tiny_checkpoint)) == tiny_checkpoint.resolve()
 
 
 def test_token_from_env_or_file(tmp_path, monkeypatch):

@@ -1,0 +1,105 @@
+"""Where distilray's stages meet Ray: joining or starting a cluster, and run storage.
+
+Which cluster a command uses is decided here, once, for every stage:
+- `RAY_ADDRESS` set (a `distilray cluster up` env.sh, `ray job submit`, a KubeRay pod): join it;
+- this process already joined one: keep it;
+- otherwise start a private local Ray instance for this command (`ray.init(address="local")`),
+  even when a `ray start` cluster runs on the machine or a crashed one left its address
+  record behind: a local command never attaches to a cluster it was not pointed at.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from distilray.errors import ConfigError
+
+DATA_CPUS = 1
+"""CPUs left free for Ray Data's tokenising tasks; without one the trainer waits forever."""
+
+# Ray Serve's high-throughput mode (Ray >= 2.55): HAProxy, a C load balancer, is the HTTP
+# proxy and sends requests straight to the ingress replicas' own HTTP servers, and
+# deployments call each other over gRPC. Every Ray process reads these when it starts, so
+# they belong on the nodes (`ray start`, the pods' env), not in an application's config.
+SERVE_HIGH_THROUGHPUT_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+
+# A replica that stops stays reachable this long before refusing connections, so that load
+# balancers can deregister it (Ray's default: 30 s). On a local Ray instance HAProxy runs on
+# the same machine and retries refused connections on another replica, so 2 s is enough, and
+# deleting an app (quickstart's shutdown, `distilray serve --stop`) takes seconds, not 30.
+LOCAL_SERVE_DRAIN_ENV = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
+
+
+def with_serve_high_throughput(environ: Mapping[str, str]) -> dict[str, str]:
+    """`environ` plus Serve's high-throughput mode for a local Ray instance, unless `environ`
+    sets those variables itself (`RAY_SERVE_ENABLE_HA_PROXY=0 RAY_SERVE_THROUGHPUT_OPTIMIZED=0`
+    keeps Ray's Python proxy)."""
+    return {**SERVE_HIGH_THROUGHPUT_ENV, **LOCAL_SERVE_DRAIN_ENV, **environ}
+
+
+def use_serve_high_throughput() -> None:
+    """Before this process starts a local Ray instance: its nodes inherit os.environ."""
+    os.environ.update(with_serve_high_throughput(os.environ))
+
+
+def connect_ray(start_local: bool = True, min_cpus: float | None = None,
+                include_dashboard: bool = True, log_to_driver: bool = True) -> bool:
+    """Join RAY_ADDRESS's cluster (or the one this process joined), else start a private one.
+
+    The one place distilray starts a local Ray instance, so every instance gets Serve's
+    high-throughput mode (`distilray quickstart` serves from the instance `train` started).
+    `min_cpus` sizes it for a job (+2 CPUs for Ray Data tasks); None leaves Ray's default.
+    Returns False only when there is no RAY_ADDRESS and `start_local` is False.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return True
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=log_to_driver)
+        return True
+    if not start_local:
+        return False
+    use_serve_high_throughput()
+    cpus = None if min_cpus is None else max(os.cpu_count() or 1, int(min_cpus + 0.999) + 2)
+    # "local": a new instance even when `ray start` runs here or left a stale address record.
+    ray.init(address="local", num_cpus=cpus, include_dashboard=include_dashboard,
+             log_to_driver=log_to_driver)
+    return True
+
+
+def quiet_ray_data() -> None:
+    """Our own progress lines (loss, samples/s, ETA) replace Ray Data's per-dataset bars."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.enable_operator_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def resolve_storage(path: str) -> str:
+    return path if is_uri(path) else str(Path(path).expanduser().resolve())
+
+
+def check_storage_writable(storage: str, key: str = "train.storage_path") -> None:
+    """Fail before any work when checkpoints could not be written."""
+    if is_uri(storage):
+        return
+    path = Path(storage)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".distilray-write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"{key}={storage!r} is not writable ({exc.strerror}); "
+                          "choose a directory you can write to, or an s3:// / gs:// URI") from None
