@@ -7,7 +7,6 @@ accepts, sends the bearer token, and turns HTTP errors into one readable `Distil
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -74,17 +73,3 @@ def classify(url: str, texts: Sequence[str], token: str | None = None, batch_siz
                                      f"{_error_message(r)}{hint}")
             out += r.json()["predictions"]
     return out
-
-
-def predict_main(args: Any) -> int:
-    """`distilray predict [TEXT ...] [--file F] [--url U] [--token T] [--json]`."""
-    texts = read_texts(args.texts, args.file)
-    token = args.token or os.environ.get(DEFAULT_TOKEN_ENV) or None
-    preds = classify(args.url, texts, token=token, batch_size=getattr(args, "batch_size", 32))
-    if getattr(args, "json", False):
-        for text, pred in zip(texts, preds, strict=True):
-            print(json.dumps({"text": text, **pred}))
-        return 0
-    for text, pred in zip(texts, preds, strict=True):
-        print(f"{pred['label']}\t{pred['score']:.3f}\t{text}")
-    return 0

@@ -17,9 +17,6 @@ need `RAY_AUTH_MODE=token` and the same token; `up` writes `<dir>/env.sh` with b
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import io
 import json
 import os
 import shlex
@@ -86,7 +83,7 @@ def plan_nodes(workers: int, head_cpus: float, worker_cpus: float, worker_gpus: 
     return nodes
 
 
-def _fmt_num(x: float) -> str:
+def fmt_num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else str(x)
 
 
@@ -95,7 +92,7 @@ def ray_start_command(node: NodeSpec, *, gcs_port: int, agent_port: int, temp_di
                       client_port: int | None = None, ray_bin: str = "ray") -> list[str]:
     """The `ray start --block` argv for one node; every fixed-default port is given explicitly."""
     cmd = [ray_bin, "start", "--block", "--node-ip-address", "127.0.0.1",
-           "--num-cpus", _fmt_num(node.num_cpus), "--num-gpus", str(node.num_gpus),
+           "--num-cpus", fmt_num(node.num_cpus), "--num-gpus", str(node.num_gpus),
            "--resources", json.dumps(node.resources, sort_keys=True),
            "--dashboard-agent-listen-port", str(agent_port),
            # 0/0: workers bind OS-chosen ports, so nodes on one host never collide.
@@ -504,38 +501,6 @@ def load_job_spec(path: str | Path) -> dict[str, Any]:
     return spec
 
 
-def check_entrypoint(entrypoint: str, cwd: Path | None = None) -> argparse.Namespace:
-    """Parse a `distilray ...` (or `python -m distilray ...`) entrypoint and load its config.
-
-    Refuses before submission what could never run: an unknown subcommand or flag, a missing
-    config file, an invalid key or value.
-    """
-    from distilray.cli import build_parser
-    from distilray.config import load_config
-
-    argv = shlex.split(entrypoint)
-    if argv[:3] == ["python", "-m", "distilray"]:
-        argv = argv[3:]
-    elif argv[:1] == ["distilray"]:
-        argv = argv[1:]
-    else:
-        raise ConfigError(f"entrypoint {entrypoint!r} is not a distilray command; expected "
-                          "`distilray <stage> ...` or `python -m distilray <stage> ...`")
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err):
-            args = build_parser().parse_args(argv)
-    except SystemExit:
-        reason = err.getvalue().strip().splitlines()[-1:] or ["bad arguments"]
-        raise ConfigError(f"entrypoint {entrypoint!r} does not parse: {reason[0]}") from None
-    config = getattr(args, "config", None)
-    if config is not None:
-        base = cwd or Path.cwd()
-        path = Path(config) if Path(config).is_absolute() else base / config
-        load_config(path, getattr(args, "overrides", []))
-    return args
-
-
 def submit_job_spec(spec: Mapping[str, Any], address: str, token: str | None) -> str:
     from ray.job_submission import JobSubmissionClient
 
@@ -543,62 +508,16 @@ def submit_job_spec(spec: Mapping[str, Any], address: str, token: str | None) ->
     return client.submit_job(**{k: v for k, v in spec.items() if v is not None})
 
 
-# --------------------------------------------------------------------------- CLI
-
-
-def cluster_main(args: argparse.Namespace) -> int:
-    state_dir = Path(args.dir).expanduser() if getattr(args, "dir", None) else default_state_dir()
-    if args.action == "up":
-        nodes = plan_nodes(args.workers, args.head_cpus, args.worker_cpus, args.worker_gpus,
-                           args.object_store_mb)
-        state = cluster_up(state_dir, nodes, timeout_s=args.timeout)
-        print(f"Ray cluster up: {len(state.nodes)} nodes, dashboard {state.dashboard_url}, "
-              f"GCS {state.gcs_address}, auth {state.auth_mode}")
-        for node in state.nodes:
-            print(f"  {node.name:<10} pid {node.pid:<7} CPU {_fmt_num(node.num_cpus)} "
-                  f"GPU {node.num_gpus} {json.dumps(node.resources, sort_keys=True)}")
-        print(f"Submit jobs with:\n  source {state_dir / ENV_FILE}\n"
-              "  ray job submit --working-dir . -- distilray train --config configs/tiny.yaml "
-              "--workers 2\nStop it with: distilray cluster down")
-        return 0
-    if args.action == "down":
-        state = cluster_down(state_dir, purge=args.purge)
-        print("no cluster recorded in " + str(state_dir) if state is None else
-              f"stopped {len(state.nodes)} nodes ({state.dashboard_url})")
-        return 0
-    if args.action == "status":
-        status = cluster_status(state_dir)
-        print(f"dashboard {status['dashboard_url']}  GCS {status['gcs_address']}  "
-              f"auth {status['auth_mode']}")
-        for name, alive in status["processes"].items():
-            print(f"  process {name}: {'running' if alive else 'gone'}")
-        for n in status["nodes"]:
-            custom = {k: v for k, v in n["resources_total"].items()
-                      if k.startswith(("distilray", "CPU", "GPU"))}
-            print(f"  node {n['node_id'][:12]} {n['state']:<5} head={n['is_head_node']} "
-                  f"{json.dumps(custom, sort_keys=True)}")
-        if status["error"]:
-            print(f"  cluster not answering: {status['error']}")
-            return 1
-        return 0 if all(status["processes"].values()) else 1
-    if args.action == "submit":
-        if not args.spec:
-            raise ConfigError("`distilray cluster submit` needs a job spec file, e.g. "
-                              "cluster/jobs/train-tiny.yaml")
-        spec = load_job_spec(args.spec)
-        check_entrypoint(spec["entrypoint"])
-        state = ClusterState.load(state_dir)
-        address = os.environ.get("RAY_ADDRESS") or (state.dashboard_url if state else None)
-        if not address:
-            raise ClusterError("no cluster to submit to: set RAY_ADDRESS=http://<head>:8265 or run "
-                               "`distilray cluster up`")
-        env = dict(os.environ)
-        auth = resolve_auth(env, Path.home())
-        if state is not None and state.token_path and "RAY_AUTH_TOKEN_PATH" not in env:
-            auth = AuthSettings("token", state.token_path)
-        submission_id = submit_job_spec(spec, address, read_token(auth, env))
-        prefix = "RAY_AUTH_MODE=token " if auth.mode == "token" else ""
-        print(f"submitted {submission_id} to {address}; follow it with:\n"
-              f"  {prefix}ray job logs --address {address} --follow {submission_id}")
-        return 0
-    raise AssertionError(args.action)
+def submit_to_cluster(spec: Mapping[str, Any], state_dir: Path) -> dict[str, str]:
+    """Submit a checked job spec to RAY_ADDRESS's cluster, else to the one recorded in state_dir."""
+    state = ClusterState.load(state_dir)
+    address = os.environ.get("RAY_ADDRESS") or (state.dashboard_url if state else None)
+    if not address:
+        raise ClusterError("no cluster to submit to: set RAY_ADDRESS=http://<head>:8265 or run "
+                           "`distilray cluster up`")
+    env = dict(os.environ)
+    auth = resolve_auth(env, Path.home())
+    if state is not None and state.token_path and "RAY_AUTH_TOKEN_PATH" not in env:
+        auth = AuthSettings("token", state.token_path)
+    submission_id = submit_job_spec(spec, address, read_token(auth, env))
+    return {"submission_id": submission_id, "address": address, "auth_mode": auth.mode}

@@ -442,8 +442,13 @@ def cross_check(cfg: Config) -> list[str]:
     return problems
 
 
-def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
-    """Read a YAML preset (optional), apply dotted overrides, validate."""
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = (),
+                values: Mapping[str, Any] | None = None) -> Config:
+    """Read a YAML preset (optional), apply dotted overrides, then typed `values`, validate.
+
+    `overrides` are `key=value` strings parsed as YAML (`--set`); `values` maps dotted keys to
+    Python values already typed by argparse (`--name 2024` stays the string "2024").
+    """
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -459,7 +464,10 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
             raise ConfigError(f"{path} must hold a mapping of sections (model, data, train, ...)")
         raw = loaded
     raw = _merge(raw, parse_overrides(overrides))
-    return config_from_dict(raw)
+    typed: dict[str, Any] = {}
+    for key, value in (values or {}).items():
+        _set_dotted(typed, key, value)
+    return config_from_dict(_merge(raw, typed))
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

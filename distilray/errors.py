@@ -29,3 +29,7 @@ class CheckpointError(DistilrayError):
 
 class ClusterError(DistilrayError):
     """A Ray cluster that cannot run the requested job (resources, storage, auth)."""
+
+
+class RunFailed(DistilrayError):
+    """A run that started and failed (the CLI exits 1; input problems exit 2)."""

@@ -8,7 +8,6 @@ HTML opens offline with nothing to fetch.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import csv
 import html
@@ -512,9 +511,3 @@ def write_report(exp_dir: str | Path) -> dict[str, str]:
     write_text_atomic(paths["md"], render_markdown(exp, plots))
     write_text_atomic(paths["html"], render_html(exp, plots))
     return {k: str(v) for k, v in paths.items()}
-
-
-def report_main(args: argparse.Namespace) -> int:
-    paths = write_report(args.experiment)
-    print(f"report: {paths['html']}\n        {paths['md']}\n        {paths['csv']}")
-    return 0

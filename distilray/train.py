@@ -35,7 +35,7 @@ from distilray.engine import (
     make_plan,
     step_seed,
 )
-from distilray.errors import ClusterError, ConfigError, DistilrayError
+from distilray.errors import ClusterError, ConfigError, DistilrayError, RunFailed
 from distilray.files import read_jsonl
 from distilray.metrics import metrics_from_confusion
 from distilray.model import load_tokenizer, resolve_model
@@ -507,9 +507,9 @@ def run_training(cfg: Config, dry_run: bool = False, callbacks: list | None = No
     """`distilray train`: validate, then fit on Ray; returns the result.json content."""
     run = prepare_run(cfg)
     if dry_run:
-        print(f"dry run OK: run '{run.cfg.train.name}', {run.plan.total_steps} steps on "
-              f"{run.cfg.train.num_workers} worker(s); checkpoints under {run.storage}/{run.cfg.train.name}")
-        return {"dry_run": True, "plan": run.plan.to_dict()}
+        return {"dry_run": True, "plan": run.plan.to_dict(), "run_name": run.cfg.train.name,
+                "num_workers": run.cfg.train.num_workers,
+                "run_dir": f"{run.storage}/{run.cfg.train.name}"}
     connect_ray(min_cpus=run.cfg.train.num_workers * run.cfg.train.cpus_per_worker)
     preflight(run.cfg, run.storage)
     return fit(run, callbacks=callbacks)
@@ -563,7 +563,7 @@ def fit(run: PreparedRun, extra_train_columns: pa.Table | None = None,
     except DistilrayError:
         raise
     except Exception as exc:  # Ray wraps worker errors; show the cause in one line
-        raise DistilrayError(f"training run '{tc.name}' failed: {_summarise_failure(exc)} "
+        raise RunFailed(f"training run '{tc.name}' failed: {_summarise_failure(exc)} "
                              f"(logs and checkpoints: {run_dir})") from exc
     best = _best_checkpoint(result, tc.checkpoint_score_attribute, tc.checkpoint_score_order)
     summary = {
@@ -576,11 +576,6 @@ def fit(run: PreparedRun, extra_train_columns: pa.Table | None = None,
     }
     if not is_uri(run_dir):
         write_result(run_dir, summary)
-    if best:
-        acc = best[1].get("eval_accuracy")
-        print(f"\nrun '{tc.name}' finished: best checkpoint {best[0]}"
-              + (f" (eval_accuracy {acc:.4f})" if acc is not None else ""))
-        print(f"serve it: distilray serve --checkpoint {best[0]}")
     return summary
 
 

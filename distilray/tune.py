@@ -18,7 +18,6 @@ Experiment layout (`<tune.storage_path>/<tune.name>/`):
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import io
@@ -33,7 +32,7 @@ from typing import Any
 
 from distilray.checkpoints import NOT_SERVED
 from distilray.config import Config, apply_overrides, config_to_dict, dump_config, load_config
-from distilray.errors import ClusterError, ConfigError, DistilrayError
+from distilray.errors import ClusterError, ConfigError, RunFailed
 from distilray.files import replace_dir_atomic, write_json_atomic
 from distilray.runtime import DATA_CPUS, connect_ray, is_uri, resolve_storage
 from distilray.train import REPORTED_METRICS
@@ -556,12 +555,16 @@ def _tuner(exp: Experiment, resume: bool):
     )
 
 
-def run_tune(cfg: Config, resume: str | None = None) -> dict[str, Any]:
+def run_tune(cfg: Config, resume: str | None = None, dry_run: bool = False) -> dict[str, Any]:
     """`distilray tune`: validate, search, export the best checkpoint, write the report."""
     from distilray.report import write_report
 
     exp = load_experiment(resume, cfg.tune.storage_path) if resume else new_experiment(cfg)
     cfg = exp.cfg
+    if dry_run:
+        return {"dry_run": True, "name": exp.name, "experiment": str(exp.dir),
+                "trials": count_trials(cfg), "search_alg": cfg.tune.search_alg,
+                "scheduler": cfg.tune.scheduler}
     connect_ray(min_cpus=cfg.tune.driver_cpus + cfg.train.num_workers * cfg.train.cpus_per_worker)
     cfg = preflight_cluster(cfg)
     exp = dataclasses.replace(exp, cfg=cfg)
@@ -584,15 +587,12 @@ def run_tune(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     errors = [r for r in results if r.error is not None]
     best = export_best(exp.dir, tc.metric, tc.mode)
     report = write_report(exp.dir)
-    summary = {"experiment": str(exp.dir), "trials": len(results), "errors": len(errors),
+    summary = {"name": exp.name, "metric": tc.metric, "experiment": str(exp.dir),
+               "trials": len(results), "errors": len(errors),
                "best": best, "report": report.get("html"), "wall_time_s": round(time.time() - started, 1)}
     if best is None:
-        raise DistilrayError(f"no trial of {exp.dir} produced a checkpoint ({len(errors)} errored); "
+        raise RunFailed(f"no trial of {exp.dir} produced a checkpoint ({len(errors)} errored); "
                              f"see {exp.dir}/*/error.txt")
-    print(f"\nexperiment '{exp.name}': best trial {best['trial_id']} {tc.metric} "
-          f"{best['metrics'][tc.metric]:.4f} ({format_params(best['params'])})")
-    print(f"report: {report.get('html')}")
-    print(f"serve it: distilray serve --experiment {exp.dir}")
     return summary
 
 
@@ -657,18 +657,3 @@ def export_best(exp_dir: Path, metric: str, mode: str) -> dict[str, Any] | None:
     replace_dir_atomic(build, exp_dir / BEST_DIR)
     write_json_atomic(exp_dir / BEST_FILE, info)
     return info
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def tune_main(cfg: Config, args: argparse.Namespace) -> int:
-    overrides: dict[str, Any] = {}
-    if getattr(args, "name", None):
-        overrides["tune.name"] = args.name
-    if getattr(args, "storage_path", None):
-        overrides["tune.storage_path"] = args.storage_path
-    if overrides:
-        cfg = apply_overrides(cfg, overrides)
-    run_tune(cfg, resume=getattr(args, "resume", None))
-    return 0

@@ -16,6 +16,7 @@ import jsonschema
 import pytest
 import yaml
 
+from distilray.cli import check_entrypoint
 from distilray.cluster import (
     HEAD_RESOURCE,
     JOB_SPEC_KEYS,
@@ -23,7 +24,6 @@ from distilray.cluster import (
     AuthSettings,
     ClusterState,
     NodeProcess,
-    check_entrypoint,
     load_job_spec,
     node_alive,
     plan_nodes,

@@ -488,8 +488,7 @@ def test_train_entrypoints_pass_the_cli_dry_run(overlay, pod_paths):
 def test_tune_entrypoints_parse_and_pass_the_tune_checks(overlay, pod_paths):
     """`distilray tune` has no --dry-run: parse with the real parser, load the config, and run
     the checks `distilray tune` makes before it starts Ray (space, search, scheduler)."""
-    from distilray.cli import build_parser
-    from distilray.cluster import check_entrypoint
+    from distilray.cli import build_parser, check_entrypoint
     from distilray.config import apply_overrides, load_config
     from distilray.tune import check_tune_config
 
@@ -511,7 +510,7 @@ def test_tune_entrypoints_parse_and_pass_the_tune_checks(overlay, pod_paths):
 
 
 def test_entrypoint_check_refuses_what_cannot_run(pod_paths):
-    from distilray.cluster import check_entrypoint
+    from distilray.cli import check_entrypoint
     from distilray.errors import ConfigError
 
     (_, entry), = [(o, e) for o, e in all_entrypoints("tune") if o == "cpu"]
@@ -520,7 +519,7 @@ def test_entrypoint_check_refuses_what_cannot_run(pod_paths):
     with pytest.raises(ConfigError, match="unknown key 'tune.max_concurent_trials'"):
         check_entrypoint(shlex.join(good).replace("concurrent", "concurent"))
     with pytest.raises(ConfigError, match="does not parse"):
-        check_entrypoint(shlex.join(good) + " --workers 2")  # tune has no --workers
+        check_entrypoint(shlex.join(good) + " --teacher x")  # tune has no --teacher
     with pytest.raises(ConfigError, match="cannot read config file"):
         check_entrypoint(shlex.join(good).replace("sst2-minilm.yaml", "nope.yaml"))
 
@@ -534,7 +533,7 @@ def test_job_clusters_start_with_what_the_train_preflight_demands(overlay, pod_p
     """`distilray train` refuses a run the cluster cannot place when it starts (CPUs, GPUs):
     each RayJob's cluster must already hold its workers, one per pod, with a CPU to spare
     for the Ray Data tasks that feed them."""
-    from distilray.cluster import check_entrypoint
+    from distilray.cli import check_entrypoint
     from distilray.config import load_config
 
     for job in of_kind(render(overlay), "RayJob"):
