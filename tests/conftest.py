@@ -40,12 +40,13 @@ def ray_4_cpus():
     """A real local Ray (4 logical CPUs on this 2-core machine) shared by every Ray test."""
     import ray
 
-    from distilray.cluster import use_serve_high_throughput
+    from distilray.runtime import use_serve_high_throughput
 
     if ray.is_initialized():
         ray.shutdown()
     use_serve_high_throughput()  # as distilray's own local Ray instances (serve, train) do
-    ray.init(num_cpus=4, log_to_driver=True)  # dashboard on: Ray Train polls the State API
+    # "local": its own instance even beside a `ray start` cluster or a stale record of one.
+    ray.init(address="local", num_cpus=4, log_to_driver=True)  # dashboard: Train polls the State API
     yield ray
     ray.shutdown()
 
