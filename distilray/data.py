@@ -197,7 +197,10 @@ def load_splits(cfg: DataConfig, num_labels: int) -> Splits:
         if path.exists():
             raw, source = _load_local(cfg, path)
         elif cfg.dataset.startswith(("/", "./", "../", "~")) or Path(cfg.dataset).suffix in FILE_FORMATS:
-            raise DataError(f"{cfg.dataset}: no such file or directory")
+            where = "" if path.is_absolute() else (
+                f" (a relative path is read from the working directory: looked for {path.resolve()}; "
+                "give an absolute path or run from the directory it is relative to)")
+            raise DataError(f"{cfg.dataset}: no such file or directory{where}")
         else:
             raw, source = _load_hub(cfg)
         text_col, label_col = cfg.text_column, cfg.label_column

@@ -92,12 +92,21 @@ def test_unreadable_and_missing_files(tmp_path):
         load_splits(DataConfig(dataset=str(bad)), 2)
     with pytest.raises(DataError, match="no such file or directory"):
         load_splits(DataConfig(dataset=str(tmp_path / "nope.parquet")), 2)
+
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match=r"no 'train' split found"):
         load_splits(DataConfig(dataset=str(tmp_path / "empty")), 2)
     (tmp_path / "data.txt").write_text("x")
     with pytest.raises(DataError, match=r"unsupported file type '.txt'"):
         load_splits(DataConfig(dataset=str(tmp_path / "data.txt")), 2)
+
+
+def test_a_missing_relative_data_path_names_where_it_was_looked_for(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError) as err:
+        load_splits(DataConfig(dataset="../shared/data/nope"), 2)
+    assert str(err.value).startswith("../shared/data/nope: no such file or directory")
+    assert f"looked for {(tmp_path / '../shared/data/nope').resolve()}" in str(err.value)
 
 
 def test_unknown_hub_dataset_names_sources_tried():
