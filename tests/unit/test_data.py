@@ -92,7 +92,6 @@ def test_unreadable_and_missing_files(tmp_path):
         load_splits(DataConfig(dataset=str(bad)), 2)
     with pytest.raises(DataError, match="no such file or directory"):
         load_splits(DataConfig(dataset=str(tmp_path / "nope.parquet")), 2)
-
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match=r"no 'train' split found"):
         load_splits(DataConfig(dataset=str(tmp_path / "empty")), 2)
