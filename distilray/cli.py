@@ -283,7 +283,7 @@ def _add_run_args(p: argparse.ArgumentParser, what: str, storage_key: str) -> No
                    help="load and check config, data and model, then exit without running")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative: one add_argument per flag
     # --debug is accepted before or after the subcommand; SUPPRESS keeps a subcommand's unset
     # default from overwriting the top-level value.
     common = argparse.ArgumentParser(add_help=False)
@@ -370,6 +370,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    return run_command(args)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run the parsed command; a DistilrayError becomes one line on stderr and its exit code."""
     try:
         return args.func(args)
     except DistilrayError as exc:

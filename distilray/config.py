@@ -252,69 +252,88 @@ def _type_name(tp: Any) -> str:
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
+def _coerce_union(value: Any, tp: Any) -> Any:
+    args = typing.get_args(tp)
+    if type(None) in args and (value is None or
+                               (isinstance(value, str) and value.lower() in ("null", "none"))):
+        return None
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _coerce(value, arg)
+        except ValueError:
+            pass
+    raise ValueError
+
+
+def _coerce_literal(value: Any, tp: Any) -> Any:
+    allowed = typing.get_args(tp)
+    if value in allowed:
+        return value
+    if isinstance(value, bool):  # YAML 1.1 reads an unquoted `no` / `off` as False
+        spellings = ("yes", "on", "true") if value else ("no", "off", "false")
+        for spelling in spellings:
+            if spelling in allowed:
+                return spelling
+    raise ValueError
+
+
+def _coerce_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise ValueError
+
+
+def _coerce_int(value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        return int(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    raise ValueError
+
+
+def _coerce_float(value: Any) -> float:
+    if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        return float(value)
+    raise ValueError
+
+
+def _coerce_str(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    raise ValueError
+
+
+def _coerce_container(value: Any, tp: Any, kind: type) -> Any:
+    if isinstance(value, str):
+        value = yaml.safe_load(value)
+    if not isinstance(value, kind):
+        raise ValueError
+    if kind is list:
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp) for v in value]
+    return dict(value)
+
+
+_SCALARS = {bool: _coerce_bool, int: _coerce_int, float: _coerce_float, str: _coerce_str}
+
+
 def _coerce(value: Any, tp: Any) -> Any:
     """Return value converted to tp, or raise ValueError. Strings from --set are parsed."""
     origin = typing.get_origin(tp)
     if origin in (types.UnionType, typing.Union):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        if isinstance(value, str) and value.lower() in ("null", "none") and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg)
-            except ValueError:
-                pass
-        raise ValueError
+        return _coerce_union(value, tp)
     if origin is Literal:
-        if value in typing.get_args(tp):
-            return value
-        if isinstance(value, bool):  # YAML 1.1 reads an unquoted `no` / `off` as False
-            spellings = ("yes", "on", "true") if value else ("no", "off", "false")
-            for spelling in spellings:
-                if spelling in typing.get_args(tp):
-                    return spelling
-        raise ValueError
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-        raise ValueError
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str):
-            return int(value)
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ValueError
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            return float(value)
-        raise ValueError
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ValueError
-    if origin is list:
-        if isinstance(value, str):
-            value = yaml.safe_load(value)
-        if not isinstance(value, list):
-            raise ValueError
-        (item_tp,) = typing.get_args(tp)
-        return [_coerce(v, item_tp) for v in value]
-    if origin is dict:
-        if isinstance(value, str):
-            value = yaml.safe_load(value)
-        if not isinstance(value, dict):
-            raise ValueError
-        return dict(value)
+        return _coerce_literal(value, tp)
+    if tp in _SCALARS:
+        return _SCALARS[tp](value)
+    if origin in (list, dict):
+        return _coerce_container(value, tp, origin)
     raise ValueError
 
 
