@@ -1,0 +1,1 @@
+"""Batch inference and evaluation on Ray Data (`distilray predict --input`, `distilray evaluate`)."""
