@@ -229,6 +229,31 @@ class DistillConfig:
 
 
 @dataclass(frozen=True)
+class PredictConfig:
+    """`distilray predict --input` and `distilray evaluate`: batch inference on Ray Data."""
+
+    text_column: str = "text"
+    """Column of the input files holding the texts (the other columns are kept as they are)."""
+    batch_size: int = _opt(256, ge=1)
+    """Rows per model-actor call; each call is split into length-sorted forward passes."""
+    max_batch_tokens: int = _opt(8192, ge=8)
+    """At most this many padded tokens per forward pass."""
+    min_actors: int = _opt(1, ge=1)
+    max_actors: int = _opt(1, ge=1)
+    """The model-actor pool autoscales between min_actors and max_actors (Ray Data concurrency)."""
+    cpus_per_actor: float = _opt(1.0, gt=0.0)
+    gpus_per_actor: float = _opt(0.0, ge=0.0)
+    """GPUs per model actor (0: CPU)."""
+    backend: Literal["torch", "int8"] = "torch"
+    """As serve.backend: `int8` quantises the Linear layers dynamically (CPU only)."""
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """Forward-pass precision on a GPU (CPU runs float32)."""
+    max_text_chars: int = _opt(10_000, ge=1)
+    """Longer texts get an error and no prediction (as serve.max_text_chars refuses them)."""
+    output_format: Literal["parquet", "jsonl"] = "parquet"
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -236,6 +261,7 @@ class Config:
     tune: TuneConfig = field(default_factory=TuneConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
 
 
 # --------------------------------------------------------------------------- loading
@@ -444,6 +470,9 @@ def cross_check(cfg: Config) -> list[str]:
             f"model.label_names has {len(cfg.model.label_names)} names but model.num_labels="
             f"{cfg.model.num_labels}; give one name per class")
     s = cfg.serve
+    if cfg.predict.max_actors < cfg.predict.min_actors:
+        problems.append(f"predict.max_actors={cfg.predict.max_actors} must be >= "
+                        f"predict.min_actors={cfg.predict.min_actors}")
     if s.max_replicas < max(s.min_replicas, 1):
         problems.append(f"serve.max_replicas={s.max_replicas} must be >= serve.min_replicas={s.min_replicas}")
     if s.max_ongoing_requests <= s.target_ongoing_requests:
