@@ -14,7 +14,7 @@ distilray serve --checkpoint /mnt/distilray/results/sst2-search/best \
 
 # GPU replicas (components/gpu, used by overlays/gpu): one GPU each, 1 to 4 replicas; four
 # Ingress replicas, since on a GPU one Ingress's Python work is the limit (H200: 1.4x the
-# requests/s at concurrency 32, 2.2x at 128 over one Ingress; benchmarks/RESULTS.md session 7).
+# requests/s at concurrency 32, 2.2x at 128 over one Ingress; benchmarks/RESULTS.md).
 distilray serve --checkpoint /mnt/distilray/results/sst2-search/best \
   --host 0.0.0.0 --port 8000 \
   --set serve.min_replicas=1 --set serve.max_replicas=4 --set serve.num_cpus=1 \
