@@ -70,9 +70,11 @@ def write_result(run_dir: str | Path, summary: dict[str, Any]) -> None:
 
 
 def resolve_checkpoint_dir(path: str | Path) -> Path:
-    """A checkpoint directory as given, or a `distilray train` run directory's best checkpoint."""
+    """A checkpoint directory as given; a search's `best/`; a `distilray train` run's best checkpoint."""
     path = Path(path).expanduser()
     if path.is_dir() and not (path / "config.json").exists():
+        if (path / "best" / "config.json").exists():  # a `distilray tune` experiment
+            return (path / "best").resolve()
         result = read_result(path) or {}
         best = result.get("best_checkpoint")
         if best and Path(best, "config.json").exists():

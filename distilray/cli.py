@@ -34,6 +34,9 @@ FLAG_KEYS: dict[str, dict[str, str]] = {
                 "workers": "train.num_workers", "gpu": "train.use_gpu", "name": "train.name",
                 "storage_path": "train.storage_path"},
     "serve": {"host": "serve.host", "port": "serve.port"},
+    "predict": {"text_column": "predict.text_column", "format": "predict.output_format",
+                "backend": "predict.backend", "gpus_per_actor": "predict.gpus_per_actor"},
+    "evaluate": {"backend": "predict.backend"},
 }
 """Per command, the flags that set a config key (argparse dest → dotted key)."""
 
@@ -125,16 +128,64 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    import os
-
-    from distilray.client import DEFAULT_TOKEN_ENV, classify, read_texts
+    if args.input:
+        return cmd_predict_files(args)
+    from distilray.client import read_texts
 
     texts = read_texts(args.texts, args.file)
-    token = args.token or os.environ.get(DEFAULT_TOKEN_ENV) or None
-    preds = classify(args.url, texts, token=token, batch_size=args.batch_size)
+    if args.checkpoint:
+        preds = _predict_in_process(args, texts)
+    else:
+        import os
+
+        from distilray.client import DEFAULT_TOKEN_ENV, classify
+
+        token = args.token or os.environ.get(DEFAULT_TOKEN_ENV) or None
+        preds = classify(args.url, texts, token=token, batch_size=args.batch_size)
     for text, pred in zip(texts, preds, strict=True):
         print(json.dumps({"text": text, **pred}) if args.json else
               f"{pred['label']}\t{pred['score']:.3f}\t{text}")
+    return 0
+
+
+def _predict_in_process(args: argparse.Namespace, texts: list[str]) -> list[dict[str, Any]]:
+    """`predict TEXT… --checkpoint DIR`: the model in this process, no server, no Ray."""
+    from dataclasses import asdict
+
+    from distilray.batch.jobs import model_spec
+    from distilray.serve.predictor import Predictor
+
+    spec, _ = model_spec(load_args_config(args), args.checkpoint)
+    predictor = Predictor(spec.checkpoint, max_length=spec.max_length, backend=spec.backend,
+                          max_batch_tokens=spec.max_batch_tokens)
+    return [asdict(p) for p in predictor.predict(texts)]
+
+
+def cmd_predict_files(args: argparse.Namespace) -> int:
+    from distilray.batch.jobs import predict_files
+
+    if not args.checkpoint or not args.output:
+        raise ConfigError("`distilray predict --input PATH` needs --checkpoint DIR and --output DIR")
+    summary = predict_files(load_args_config(args), args.checkpoint, args.input, args.output,
+                            resume=args.resume)
+    rate = summary["rows_per_s"]
+    print(f"predicted {summary['predicted']} of {summary['rows']} rows ({summary['errors']} with "
+          f"errors) from {summary['files']} file(s)"
+          + (f", {summary['shards_resumed']} resumed" if summary["shards_resumed"] else "")
+          + (f", {rate:.1f} rows/s" if rate else "") + f" → {summary['output']}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from distilray.batch.jobs import evaluate_checkpoint
+
+    report = evaluate_checkpoint(load_args_config(args), args.checkpoint, args.data,
+                                 split=args.split, output=args.output)
+    print(f"{report['checkpoint']['id']} on {report['data']['spec']} [{report['data']['split']}], "
+          f"{report['eval_count']} rows: eval_accuracy {report['eval_accuracy']:.4f}  "
+          f"eval_macro_f1 {report['eval_macro_f1']:.4f}  eval_loss {report['eval_loss']:.4f}  "
+          f"eval_ece {report['eval_ece']:.4f}")
+    print(f"wrote {report['files']['json']} and {report['files']['md']}")
     return 0
 
 
@@ -326,14 +377,35 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative: o
     p.add_argument("--stop", action="store_true",
                    help="delete the running application (serve.app_name) and exit")
 
-    p = add("predict", "classify texts through a running server", cmd_predict)
+    p = add("predict", "classify texts (a server, a checkpoint, or files on Ray Data)", cmd_predict)
+    _add_config_args(p)
     p.add_argument("texts", nargs="*", help="texts to classify")
+    p.add_argument("--checkpoint", help="classify with this checkpoint (a run or search directory "
+                                        "means its best) instead of a server")
+    p.add_argument("--input", help="batch mode: parquet/CSV/JSONL file, directory or glob "
+                                   "(local, s3://, gs://)")
+    p.add_argument("--output", help="batch mode: directory for the output shards")
+    p.add_argument("--resume", action="store_true", help="batch mode: skip shards already done")
+    p.add_argument("--text-column", help="batch mode: column with the texts (predict.text_column)")
+    p.add_argument("--format", choices=["parquet", "jsonl"],
+                   help="batch mode: output format (predict.output_format)")
+    p.add_argument("--backend", choices=["torch", "int8"], help="predict.backend")
+    p.add_argument("--gpu", dest="gpus_per_actor", action="store_const", const=1.0,
+                   help="batch mode: one GPU per model actor (predict.gpus_per_actor=1)")
     p.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL")
     p.add_argument("--file", help="file with one text per line")
     p.add_argument("--token", help="bearer token (default: $DISTILRAY_SERVE_TOKEN)")
     p.add_argument("--batch-size", type=int, default=32,
                    help="texts per request (at most the server's serve.max_texts)")
     p.add_argument("--json", action="store_true", help="one JSON object per text")
+
+    p = add("evaluate", "measure a checkpoint on a labelled split (eval.json, eval.md)", cmd_evaluate)
+    _add_config_args(p)
+    p.add_argument("--checkpoint", required=True, help="checkpoint, run or search directory")
+    p.add_argument("--data", required=True, help="dataset spec, as data.dataset")
+    p.add_argument("--split", default="validation", help="split to evaluate (default: validation)")
+    p.add_argument("--output", help="where eval.json and eval.md go (default: the checkpoint)")
+    p.add_argument("--backend", choices=["torch", "int8"], help="predict.backend")
 
     p = add("distill", "train a smaller student from a fine-tuned teacher", cmd_distill)
     _add_config_args(p)

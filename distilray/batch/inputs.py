@@ -8,10 +8,10 @@ killed midway redoes only the files it had not finished. A text cell that is not
 
 from __future__ import annotations
 
-import fnmatch
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 from typing import Any
 
 import pyarrow as pa
@@ -61,7 +61,7 @@ def resolve_inputs(spec: str) -> list[InputFile]:
             found = sorted(e.path for e in entries if e.type == pafs.FileType.File
                            and _suffix(e.path) in FILE_FORMATS
                            and not e.base_name.startswith(("_", "."))
-                           and (not has_glob or fnmatch.fnmatch(e.path, path)))
+                           and (not has_glob or PurePosixPath(e.path).match(path)))
         else:
             raise DataError(f"--input {spec}: no such file or directory")
     except OSError as exc:
@@ -79,8 +79,7 @@ def _suffix(path: str) -> str:
     return "." + name.rsplit(".", 1)[-1].lower() if "." in name else ""
 
 
-def _read_jsonl(data: bytes, path: str) -> pa.Table:
-    """JSON lines read by Python: a column may mix types (a number among texts) without failing."""
+def _jsonl_rows(data: bytes, path: str) -> list[dict[str, Any]]:
     rows = []
     for number, line in enumerate(data.decode("utf-8").splitlines(), 1):
         if not line.strip():
@@ -92,13 +91,15 @@ def _read_jsonl(data: bytes, path: str) -> pa.Table:
         if not isinstance(row, dict):
             raise DataError(f"{path}: line {number} is not a JSON object")
         rows.append(row)
-    columns: dict[str, list[Any]] = {}
-    for i, row in enumerate(rows):
-        for key in row:
-            columns.setdefault(key, [None] * i)
-        for key, values in columns.items():
-            values.append(row.get(key))
-    return pa.table({k: _json_column(v) for k, v in columns.items()})
+    return rows
+
+
+def _jsonl_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """JSON lines as columns: a column may mix types (a number among texts) without failing."""
+    names: dict[str, None] = {}
+    for row in rows:
+        names.update(dict.fromkeys(row))
+    return pa.table({k: _json_column([row.get(k) for row in rows]) for k in names})
 
 
 def _json_column(values: list[Any]) -> pa.Array:
@@ -109,22 +110,30 @@ def _json_column(values: list[Any]) -> pa.Array:
                         pa.string())
 
 
-def read_input(path: str) -> pa.Table:
-    """One input file as a table (the text column is normalised later by `normalise_texts`)."""
+def read_input(path: str, text_column: str | None = None) -> tuple[pa.Table, list[Any] | None]:
+    """One input file as a table, and the text column's cells as they were in the file.
+
+    For JSONL the cells come from the JSON itself, so a number stays a number (and gets a row
+    error) even where the column is stored as text; None when `text_column` is not given.
+    """
     fs, local = _filesystem(path)
     fmt = FILE_FORMATS.get(_suffix(path))
     try:
         if fmt == "parquet":
             import pyarrow.parquet as pq
 
-            return pq.read_table(local, filesystem=fs)
+            table = pq.read_table(local, filesystem=fs)
+            return table, _cells(table, text_column)
         with fs.open_input_stream(local) as stream:
             data = stream.read()
         if fmt == "csv":
             import pyarrow.csv as pcsv
 
-            return pcsv.read_csv(pa.BufferReader(data))
-        return _read_jsonl(data, path)
+            table = pcsv.read_csv(pa.BufferReader(data))
+            return table, _cells(table, text_column)
+        rows = _jsonl_rows(data, path)
+        values = None if text_column is None else [row.get(text_column) for row in rows]
+        return _jsonl_table(rows), values
     except DataError:
         raise
     except FileNotFoundError:
@@ -132,6 +141,10 @@ def read_input(path: str) -> pa.Table:
     except (pa.ArrowException, OSError, UnicodeDecodeError) as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"{path}: cannot read as {fmt}: {msg}") from None
+
+
+def _cells(table: pa.Table, column: str | None) -> list[Any] | None:
+    return None if column is None or column not in table.column_names else table.column(column).to_pylist()
 
 
 def input_columns(path: str) -> list[str]:
@@ -144,7 +157,7 @@ def input_columns(path: str) -> list[str]:
             return pq.read_schema(local, filesystem=fs).names
         except (pa.ArrowException, OSError) as exc:
             raise DataError(f"{path}: cannot read as parquet: {str(exc).splitlines()[0]}") from None
-    return read_input(path).column_names
+    return read_input(path)[0].column_names
 
 
 def check_inputs(files: Sequence[InputFile], text_column: str) -> None:
@@ -174,9 +187,8 @@ def text_errors(values: Sequence[Any], max_chars: int) -> list[str | None]:
     return out
 
 
-def normalise_texts(table: pa.Table, text_column: str, max_chars: int) -> tuple[pa.Table, list[str]]:
+def normalise_texts(table: pa.Table, values: list[Any], max_chars: int) -> tuple[pa.Table, list[str]]:
     """(table with the row index and an error column, texts to classify with '' where in error)."""
-    values = table.column(text_column).to_pylist()
     errors = text_errors(values, max_chars)
     table = table.append_column(ROW_COLUMN, pa.array(range(table.num_rows), pa.int64()))
     table = table.append_column(ERROR_COLUMN, pa.array(errors, pa.string()))

@@ -51,7 +51,7 @@ def read_files(batch: pa.Table, text_column: str, max_chars: int) -> pa.Table:
     out = []
     for index, path in zip(batch.column("index").to_pylist(), batch.column("path").to_pylist(),
                            strict=True):
-        table, texts = normalise_texts(read_input(path), text_column, max_chars)
+        table, texts = normalise_texts(*read_input(path, text_column), max_chars)
         out.append(inference_columns(index, texts, table.column(ERROR_COLUMN)))
     return pa.concat_tables(out)
 
