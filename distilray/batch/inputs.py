@@ -167,9 +167,9 @@ def check_inputs(files: Sequence[InputFile], text_column: str) -> None:
         if text_column not in names:
             raise DataError(f"{f.path}: no column '{text_column}' (have: {', '.join(names)}); "
                             f"set --text-column")
-        if ERROR_COLUMN in names or ROW_COLUMN in names:
-            raise DataError(f"{f.path}: column '{ERROR_COLUMN}' or '{ROW_COLUMN}' is reserved for the "
-                            "output; rename it")
+        if ROW_COLUMN in names:
+            raise DataError(f"{f.path}: column '{ROW_COLUMN}' is reserved (distilray's row index); "
+                            "rename it")
 
 
 def text_errors(values: Sequence[Any], max_chars: int) -> list[str | None]:

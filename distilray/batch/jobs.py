@@ -24,7 +24,6 @@ from distilray.batch.inputs import (
     ROW_COLUMN,
     InputFile,
     check_inputs,
-    normalise_texts,
     read_input,
     resolve_inputs,
 )
@@ -131,8 +130,7 @@ def _empty_predictions() -> pa.Table:
 
 
 def _write(out_dir: Path, f: InputFile, predictions: pa.Table, cfg: Config, fmt: str, sha: str) -> None:
-    table, _ = normalise_texts(*read_input(f.path, cfg.predict.text_column), cfg.predict.max_text_chars)
-    table = table.drop_columns([ROW_COLUMN, ERROR_COLUMN])
+    table = read_input(f.path)[0]
     shards.write_shard(out_dir, f.index, fmt, shards.merge_predictions(table, predictions, f.path),
                        f.path, sha)
 

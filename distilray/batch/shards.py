@@ -44,14 +44,24 @@ def shard_done(output: Path, index: int, fmt: str, source: str, checkpoint_sha: 
             and record.get("sha256") == sha256_file(shard))
 
 
+def output_name(name: str, input_columns: list[str]) -> str:
+    """An output column's name: as is, or `predicted_<name>` where the input already has it."""
+    return f"predicted_{name}" if name in input_columns else name
+
+
 def merge_predictions(table: pa.Table, predictions: pa.Table, source: str) -> pa.Table:
-    """The input rows with the prediction columns appended, checking nothing was lost or reordered."""
+    """The input rows with the prediction columns appended, checking nothing was lost or reordered.
+
+    An input column is never replaced: a labelled file's own `label` stays, and the model's
+    goes in `predicted_label` (likewise score, probabilities, error).
+    """
     rows = predictions.column("__row").to_pylist()
     if rows != list(range(table.num_rows)):
         raise DataError(f"{source}: {len(rows)} predictions for {table.num_rows} rows "
                         "(rows lost or reordered; rerun with --resume)")
+    names = table.column_names
     for name in OUTPUT_COLUMNS:
-        table = table.append_column(name, predictions.column(name))
+        table = table.append_column(output_name(name, names), predictions.column(name))
     return table
 
 
@@ -64,7 +74,8 @@ def write_shard(output: Path, index: int, fmt: str, table: pa.Table, source: str
     else:
         lines = (json.dumps(row, ensure_ascii=False) for row in table.to_pylist())
         write_text_atomic(shard, "".join(line + "\n" for line in lines))
-    predicted = table.column("error").null_count  # rows without an error
+    error_column = table.column_names[-1]  # merge_predictions appends error last
+    predicted = table.column(error_column).null_count  # rows without an error
     record = {"input": source, "shard": shard.name, "rows": table.num_rows,
               "errors": table.num_rows - predicted, "checkpoint_sha256": checkpoint_sha,
               "sha256": sha256_file(shard)}

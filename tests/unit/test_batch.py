@@ -97,8 +97,11 @@ def _predictions(n):
 
 @pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
 def test_a_shard_is_trusted_only_when_its_record_and_hash_match(tmp_path, fmt):
-    table = pa.table({"text": ["a", "b", "c"], "id": [7, 8, 9]})
+    table = pa.table({"text": ["a", "b", "c"], "id": [7, 8, 9], "label": [0, 1, 0]})
     merged = shards.merge_predictions(table, _predictions(3), "in.parquet")
+    assert merged.column_names == ["text", "id", "label", "predicted_label", "score", "probabilities",
+                                   "error"]
+    assert merged.column("label").to_pylist() == [0, 1, 0]
     record = shards.write_shard(tmp_path, 0, fmt, merged, "in.parquet", "sha")
     assert record["rows"] == 3 and record["errors"] == 0
     assert shards.shard_done(tmp_path, 0, fmt, "in.parquet", "sha")
