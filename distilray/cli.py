@@ -119,9 +119,66 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from distilray.serve import serve_main
+    """`--stop`, else `--emit-config`, else `--detach`, else serve in the foreground."""
+    mode = ("stop" if args.stop else "emit_config" if args.emit_config else
+            "detach" if args.detach else "foreground")
+    return SERVE_MODES[mode](args)
 
-    return serve_main(load_args_config(args), args)
+
+def cmd_serve_stop(args: argparse.Namespace) -> int:
+    from distilray.serve.lifecycle import shutdown_server
+
+    cfg = load_args_config(args)
+    stopped = shutdown_server(cfg)
+    print(f"stopped {cfg.serve.app_name}" if stopped else
+          f"no application '{cfg.serve.app_name}' is running")
+    return 0
+
+
+def cmd_serve_emit_config(args: argparse.Namespace) -> int:
+    from distilray.serve.app import serve_config_text
+
+    cfg = load_args_config(args)
+    Path(args.emit_config).write_text(serve_config_text(cfg, _serve_checkpoint(args, cfg)))
+    print(f"wrote {args.emit_config}")
+    return 0
+
+
+def cmd_serve_detach(args: argparse.Namespace) -> int:
+    from distilray.checkpoints import check_servable
+    from distilray.serve.lifecycle import start_server
+
+    cfg = load_args_config(args)
+    checkpoint = str(check_servable(_serve_checkpoint(args, cfg)))
+    _print_serving(start_server(cfg, checkpoint))
+    print("detached; stop it with `distilray serve --stop`")
+    return 0
+
+
+def cmd_serve_foreground(args: argparse.Namespace) -> int:
+    from distilray.serve.lifecycle import serve_until_interrupted, start_server
+
+    cfg = load_args_config(args)
+    _print_serving(start_server(cfg, _serve_checkpoint(args, cfg)))
+    print("press Ctrl-C to stop", flush=True)
+    serve_until_interrupted(cfg)
+    return 0
+
+
+SERVE_MODES = {"stop": cmd_serve_stop, "emit_config": cmd_serve_emit_config,
+               "detach": cmd_serve_detach, "foreground": cmd_serve_foreground}
+
+
+def _serve_checkpoint(args: argparse.Namespace, cfg: Any) -> str:
+    from distilray.serve.app import resolve_checkpoint
+
+    return resolve_checkpoint(args.checkpoint or (None if args.experiment else cfg.serve.checkpoint),
+                              args.experiment)
+
+
+def _print_serving(url: str) -> None:
+    print(f"serving at {url}  (try: curl -X POST {url}/v1/classify -H 'Content-Type: "
+          "application/json' -d '{\"text\": \"a great movie\"}')", flush=True)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
