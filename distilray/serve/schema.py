@@ -1,9 +1,10 @@
 """The HTTP contract: request bodies with this server's limits, responses, readable errors.
 
 Pydantic only (FastAPI's JSONResponse is imported where an error is answered); the OpenAPI
-schema FastAPI publishes is built from these models. No `from __future__ import annotations`:
-`request_models` annotates its classes with a local type, which pydantic must see as a value.
+schema FastAPI publishes is built from these models.
 """
+
+from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Annotated, Any
