@@ -32,7 +32,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from distilray.serve import Predictor
+    from distilray.serve.predictor import Predictor
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     ckpt = make_checkpoint(args.model, Path(tempfile.mkdtemp(prefix="serve-passes-")))

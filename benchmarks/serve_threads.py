@@ -29,7 +29,7 @@ def measure(variant: str, ckpt: str, data: str, batches: int) -> tuple[float, fl
     import torch
     from serve_throughput import cpu_count, load_texts
 
-    from distilray.serve import Predictor
+    from distilray.serve.predictor import Predictor
 
     texts = load_texts(Path(data))
     pool = ThreadPoolExecutor(1)

@@ -225,7 +225,7 @@ def start_distilray(ckpt: Path, gpu: bool, extra: list[str], topology: str = "sp
     import ray
 
     from distilray.config import load_config
-    from distilray.serve import start_server
+    from distilray.serve.lifecycle import start_server
 
     cores = cpu_count()
     if not ray.is_initialized():  # room for every variant's replicas; one is measured at a time
@@ -251,7 +251,7 @@ class Ceiling:
     def __init__(self, ckpt: Path, device: str, backend: str = "torch"):
         import torch
 
-        from distilray.serve import Predictor
+        from distilray.serve.predictor import Predictor
 
         torch.set_num_threads(cpu_count())
         self.device = device
@@ -363,7 +363,7 @@ def main() -> None:
                                        variants=len(variants))
 
             def stop(cfg=cfg):
-                from distilray.serve import shutdown_server
+                from distilray.serve.lifecycle import shutdown_server
                 shutdown_server(cfg)
             cleanup.append(stop)
             runners[key] = lambda t, c, n, d, u=url: load.level(u, t, c, n, d)

@@ -122,9 +122,138 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from distilray.serve import serve_main
+    """`--stop`, else `--emit-config`, else `--detach`, else serve in the foreground."""
+    mode = ("stop" if args.stop else "emit_config" if args.emit_config else
+            "detach" if args.detach else "foreground")
+    return SERVE_MODES[mode](args)
 
-    return serve_main(load_args_config(args), args)
+
+def cmd_serve_stop(args: argparse.Namespace) -> int:
+    import os
+
+    cfg = load_args_config(args)
+    head = None if os.environ.get("RAY_ADDRESS") else _join_serve_head(start=False)
+    from distilray.serve.lifecycle import serve_applications, shutdown_server  # Ray reads the env
+
+    stopped = shutdown_server(cfg)
+    print(f"stopped {cfg.serve.app_name}" if stopped else
+          f"no application '{cfg.serve.app_name}' is running")
+    if head is not None and not serve_applications():
+        _stop_serve_head()
+        print(f"stopped the Ray head `distilray serve --detach` started ({head.gcs_address})")
+    return 0
+
+
+def cmd_serve_emit_config(args: argparse.Namespace) -> int:
+    from distilray.serve.app import serve_config_text
+
+    cfg = load_args_config(args)
+    Path(args.emit_config).write_text(serve_config_text(cfg, _serve_checkpoint(args, cfg)))
+    print(f"wrote {args.emit_config}")
+    return 0
+
+
+def cmd_serve_detach(args: argparse.Namespace) -> int:
+    import os
+
+    from distilray.checkpoints import check_servable
+
+    cfg = load_args_config(args)
+    checkpoint = str(check_servable(_serve_checkpoint(args, cfg)))
+    if not os.environ.get("RAY_ADDRESS"):  # a head that outlives this command
+        _join_serve_head(start=True)
+    from distilray.serve.lifecycle import start_server  # imports Ray, which reads the env once
+
+    _print_serving(start_server(cfg, checkpoint))
+    print("detached; stop it with `distilray serve --stop`")
+    return 0
+
+
+def cmd_serve_foreground(args: argparse.Namespace) -> int:
+    from distilray.serve.lifecycle import serve_until_interrupted, start_server
+
+    cfg = load_args_config(args)
+    _print_serving(start_server(cfg, _serve_checkpoint(args, cfg)))
+    print("press Ctrl-C to stop", flush=True)
+    serve_until_interrupted(cfg)
+    return 0
+
+
+SERVE_MODES = {"stop": cmd_serve_stop, "emit_config": cmd_serve_emit_config,
+               "detach": cmd_serve_detach, "foreground": cmd_serve_foreground}
+
+
+def _serve_checkpoint(args: argparse.Namespace, cfg: Any) -> str:
+    from distilray.serve.app import resolve_checkpoint
+
+    return resolve_checkpoint(args.checkpoint or (None if args.experiment else cfg.serve.checkpoint),
+                              args.experiment)
+
+
+def _print_serving(url: str) -> None:
+    print(f"serving at {url}  (try: curl -X POST {url}/v1/classify -H 'Content-Type: "
+          "application/json' -d '{\"text\": \"a great movie\"}')", flush=True)
+
+
+def _serve_head_dir() -> Path:
+    """Where `distilray serve --detach` records the Ray head it starts when RAY_ADDRESS is unset."""
+    import os
+
+    return Path(os.environ.get("DISTILRAY_SERVE_DIR", "~/.distilray/serve")).expanduser()
+
+
+def _join_serve_head(start: bool) -> Any:
+    """Point this process (RAY_ADDRESS and the token env) at the recorded serve head while it
+    lives; else clean up after a dead one, and start a new one if `start`. None if none runs.
+    Call it before importing Ray: Ray reads RAY_AUTH_MODE when it is imported.
+
+    The head is a `distilray.cluster` node: `ray start --block` in its own session, free ports,
+    a private temp dir, token auth, so it outlives this command and `--stop` stops exactly it.
+    """
+    import os
+
+    from distilray.cluster import ClusterState, cluster_down, cluster_up, node_alive
+
+    state_dir = _serve_head_dir()
+    state = ClusterState.load(state_dir)
+    if state is not None and not all(node_alive(n) for n in state.nodes):
+        cluster_down(state_dir, purge=True)  # a head that died: kill what is left of its session
+        state = None
+    if state is None and start:
+        log.info("RAY_ADDRESS is unset: starting a Ray head for `distilray serve --detach` "
+                 "(recorded in %s; `distilray serve --stop` stops it)", state_dir)
+        state = cluster_up(state_dir, [_serve_head_node()])
+    if state is not None:
+        os.environ.update({"RAY_ADDRESS": state.gcs_address, "RAY_AUTH_MODE": state.auth_mode})
+        if state.auth_mode == "token" and state.token_path:
+            os.environ["RAY_AUTH_TOKEN_PATH"] = state.token_path
+    return state
+
+
+def _serve_head_node() -> Any:
+    """The head's resources: like `ray start --head`, every CPU and GPU of the machine."""
+    import os
+    import shutil
+    import subprocess
+
+    from distilray.cluster import NodeSpec
+
+    gpus = 0
+    if shutil.which("nvidia-smi"):
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False,
+                             timeout=30)
+        if out.returncode == 0:  # one "GPU <i>: <name> (UUID: ...)" line per device
+            gpus = sum(line.startswith("GPU ") for line in out.stdout.splitlines())
+    return NodeSpec("head", float(os.cpu_count() or 1), gpus)
+
+
+def _stop_serve_head() -> None:
+    import ray
+
+    from distilray.cluster import cluster_down
+
+    ray.shutdown()  # leave the cluster before its GCS goes away
+    cluster_down(_serve_head_dir(), purge=True)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:

@@ -35,7 +35,7 @@ def run_quickstart(cfg: Config | None = None, keep_serving: bool = False) -> dic
     """Fine-tune with Ray Train, search lr with Ray Tune (ASHA), serve the best, classify."""
     from distilray.client import classify
     from distilray.runtime import connect_ray
-    from distilray.serve import shutdown_server, start_server
+    from distilray.serve.lifecycle import serve_until_interrupted, shutdown_server, start_server
     from distilray.train import run_training
     from distilray.tune import run_tune
 
@@ -76,8 +76,7 @@ def run_quickstart(cfg: Config | None = None, keep_serving: bool = False) -> dic
         if keep_serving:
             print(f"\nstill serving at {url} — try: curl -s {url}/v1/classify -H 'Content-Type: "
                   "application/json' -d '{\"text\": \"a wonderful film\"}'   (Ctrl-C stops)")
-            while True:
-                time.sleep(3600)
+            serve_until_interrupted(cfg)
     except KeyboardInterrupt:
         pass
     finally:

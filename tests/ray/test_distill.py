@@ -111,7 +111,7 @@ def test_both_teacher_logit_modes_train_the_same_student(tiny_teacher, tmp_path,
     texts = ["the plot was brilliant and moving", "the acting was dull and boring"]
     assert [o["label"] for o in clf(texts)] == ["positive", "negative"]
     # ... and what `distilray serve` loads, naming the student and its teacher
-    from distilray.serve import Predictor
+    from distilray.serve.predictor import Predictor
 
     served = Predictor(result["best_checkpoint"], max_length=64)
     assert served.model_name == "layers:1" and served.info["run_name"] == "fly"

@@ -26,7 +26,8 @@ import requests
 import yaml
 
 from distilray.config import load_config
-from distilray.serve import CLASSIFIER_NAME, INGRESS_NAME, Predictor, emit_serve_config
+from distilray.serve.app import CLASSIFIER_NAME, INGRESS_NAME, emit_serve_config
+from distilray.serve.predictor import Predictor
 
 pytestmark = pytest.mark.ray
 

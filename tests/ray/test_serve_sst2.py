@@ -11,7 +11,8 @@ import pytest
 
 from distilray.client import classify
 from distilray.config import load_config
-from distilray.serve import Predictor, shutdown_server, start_server
+from distilray.serve.lifecycle import shutdown_server, start_server
+from distilray.serve.predictor import Predictor
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 

@@ -13,19 +13,17 @@ from pydantic import TypeAdapter, ValidationError
 from distilray.checkpoints import check_servable
 from distilray.config import load_config
 from distilray.errors import CheckpointError, ConfigError, DistilrayError
-from distilray.serve import (
+from distilray.serve.app import (
     CLASSIFIER_NAME,
     IMPORT_PATH,
     INGRESS_NAME,
-    Predictor,
-    describe_validation_errors,
     emit_serve_config,
-    plan_chunks,
-    read_token,
-    request_models,
     resolve_checkpoint,
     serve_config_from_args,
 )
+from distilray.serve.http import server_token
+from distilray.serve.predictor import Predictor, plan_chunks
+from distilray.serve.schema import describe_validation_errors, request_models
 
 TEXTS = ["a charming and often affecting journey .", "bad", "unflinchingly bleak and desperate",
          "the plot was not boring at all , but the ending was utterly forgettable and the cast "
@@ -81,7 +79,7 @@ def test_invalid_bodies_name_the_field_and_limit(body, field, limit, words):
 def test_schema_pattern_accepts_exactly_what_the_validator_accepts():
     import re
 
-    from distilray.serve import NOT_ONLY_WHITESPACE
+    from distilray.serve.schema import NOT_ONLY_WHITESPACE
 
     for text in ["\u0085", "\u00a0", "\u2028 ", " \t\r\n\x0b\x0c", "x", "\x1c", "\u00a0x"]:
         assert (_errors({"text": text}) is None) == bool(re.search(NOT_ONLY_WHITESPACE, text))
@@ -218,14 +216,14 @@ def test_checkpoint_errors_name_the_problem(tmp_path, tiny_checkpoint):
 
 def test_token_from_env_or_file(tmp_path, monkeypatch):
     monkeypatch.delenv("DR_TEST_TOKEN", raising=False)
-    assert read_token("DR_TEST_TOKEN", None) is None
+    assert server_token("DR_TEST_TOKEN", None) is None
     monkeypatch.setenv("DR_TEST_TOKEN", " s3cret\n")
-    assert read_token("DR_TEST_TOKEN", None) == "s3cret"
+    assert server_token("DR_TEST_TOKEN", None) == "s3cret"
     f = tmp_path / "token"
     f.write_text("from-file\n")
-    assert read_token("DR_TEST_TOKEN", str(f)) == "from-file"
+    assert server_token("DR_TEST_TOKEN", str(f)) == "from-file"
     with pytest.raises(ConfigError, match="auth_token_file"):
-        read_token("DR_TEST_TOKEN", str(tmp_path / "nope"))
+        server_token("DR_TEST_TOKEN", str(tmp_path / "nope"))
 
 
 def test_emitted_config_is_a_valid_serve_config_and_round_trips():
@@ -301,7 +299,7 @@ def test_batcher_merges_everything_queued_during_a_forward_pass():
     import threading
     import time
 
-    from distilray.serve import TextBatcher
+    from distilray.serve.batching import TextBatcher
 
     sizes: list[int] = []
     release = threading.Event()
@@ -333,7 +331,7 @@ def test_batcher_merges_everything_queued_during_a_forward_pass():
 def test_batcher_propagates_errors_and_skips_cancelled_requests():
     import asyncio
 
-    from distilray.serve import TextBatcher
+    from distilray.serve.batching import TextBatcher
 
     seen: list[list[str]] = []
 
@@ -362,7 +360,7 @@ def test_batcher_runs_every_forward_on_the_given_executor_thread():
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from distilray.serve import TextBatcher
+    from distilray.serve.batching import TextBatcher
 
     threads: set[str] = set()
 
@@ -384,7 +382,7 @@ def test_batcher_runs_every_forward_on_the_given_executor_thread():
 def test_coalescer_merges_requests_that_wait_for_a_busy_replica():
     import asyncio
 
-    from distilray.serve import CallCoalescer
+    from distilray.serve.batching import CallCoalescer
 
     calls: list[list[str]] = []
     gates: list[asyncio.Event] = []
@@ -423,7 +421,7 @@ def test_coalescer_merges_requests_that_wait_for_a_busy_replica():
 def test_coalescer_opens_a_slot_per_replica_seen_and_closes_it_when_gone():
     import asyncio
 
-    from distilray.serve import CallCoalescer
+    from distilray.serve.batching import CallCoalescer
 
     now = [0.0]
     replicas = iter(["r1", "r2", "r1", "r2"])
@@ -449,7 +447,7 @@ def test_coalescer_opens_a_slot_per_replica_seen_and_closes_it_when_gone():
 def test_coalescer_fails_every_merged_request_with_the_calls_error():
     import asyncio
 
-    from distilray.serve import CallCoalescer
+    from distilray.serve.batching import CallCoalescer
 
     async def call(texts):
         await asyncio.sleep(0.01)
@@ -470,7 +468,8 @@ def test_texts_in_flight_policy_scales_on_reported_texts():
 
     from ray.serve.config import AutoscalingConfig
 
-    from distilray.serve import TEXTS_IN_FLIGHT, texts_in_flight_policy
+    from distilray.serve import texts_in_flight_policy
+    from distilray.serve.app import TEXTS_IN_FLIGHT
 
     config = AutoscalingConfig(min_replicas=1, max_replicas=4, target_ongoing_requests=8)
 
@@ -487,7 +486,7 @@ def test_texts_in_flight_policy_scales_on_reported_texts():
 def test_coalescing_split_config_uses_the_texts_policy():
     from ray.serve.schema import ServeDeploySchema
 
-    from distilray.serve import TEXTS_POLICY_PATH
+    from distilray.serve.app import TEXTS_POLICY_PATH
 
     for overrides, policy in (([], TEXTS_POLICY_PATH), (["serve.coalesce=false"], None)):
         cfg = load_config("configs/serve.yaml", overrides)
@@ -539,10 +538,10 @@ class _RecordingApp:
 def _fast_path(handler):
     import os
 
-    from distilray.serve import ClassifyFastPath, register_fast_classify
+    from distilray.serve.http import FAST_CLASSIFY, ClassifyFastPath
 
     key = os.urandom(4).hex()
-    register_fast_classify(key, handler)
+    FAST_CLASSIFY[key] = handler
     inner = _RecordingApp()
     return ClassifyFastPath(inner, key), inner
 
@@ -589,26 +588,48 @@ def test_fast_path_leaves_other_requests_to_fastapi(method, path, headers):
 
 
 def test_fast_path_handler_is_registered_from_a_class_pickled_by_value():
-    """Serve pickles the Ingress class by value, with a copy of the globals it names: the
-    Ingress must register its handler through a module function, not the dict itself."""
+    """Serve pickles the per-config Ingress class by value, with a copy of the globals it
+    names. Its behaviour must come from the module-level `Ingress`, pickled by reference, so
+    that in a replica process the handler lands in the registry `ClassifyFastPath` reads."""
     import subprocess
     import sys
     import textwrap
 
-    code = textwrap.dedent('''
+    dump = textwrap.dedent('''
+        import sys
         from ray import cloudpickle
-        import distilray.serve as s
         from distilray.config import ServeConfig
-        ingress, _ = s.make_deployments(ServeConfig())
-        ours = next(c for c in ingress.func_or_class.__mro__ if "_fast_classify" in vars(c))
-        init = vars(cloudpickle.loads(cloudpickle.dumps(ours)))["__init__"]  # as in a replica
-        assert init.__globals__ is not vars(s)  # the premise: a copy of the globals
-        assert "FAST_CLASSIFY" not in init.__code__.co_names
+        from distilray.serve.deployments import ingress_class
+        from distilray.serve.http import make_fastapi_app
+        from distilray.serve.schema import request_models
+        text_req, texts_req = request_models(4, 20)
+        app = make_fastapi_app(ServeConfig())
+        cls = ingress_class(app, text_req | texts_req)
+        sys.stdout.buffer.write(cloudpickle.dumps((cls, app.state.fast_path_key)))
+    ''')
+    load = textwrap.dedent('''
+        import sys
+        from ray import cloudpickle
+        cls, key = cloudpickle.loads(sys.stdin.buffer.read())  # a fresh process, as a replica
+        import distilray.serve.deployments as d
+        import distilray.serve.http as h
+        routed = next(c for c in cls.__mro__ if "classify" in vars(c) and c is not d.Ingress)
+        route = vars(routed)["classify"]
+        assert route.__globals__ is not vars(d)  # the premise: the routes came by value
+        assert routed.fast_path_key == key
+        ours = next(c for c in cls.__mro__ if "_fast_classify" in vars(c))
+        assert ours is d.Ingress  # the behaviour came by reference
+        init = vars(ours)["__init__"]
+        assert init.__globals__ is vars(d)  # so it sees the real module globals
+        assert "FAST_CLASSIFY" in init.__code__.co_names
+        assert init.__globals__["FAST_CLASSIFY"] is h.FAST_CLASSIFY  # what ClassifyFastPath reads
         handler = object()
-        init.__globals__["register_fast_classify"]("k", handler)
-        assert s.FAST_CLASSIFY["k"] is handler
+        init.__globals__["FAST_CLASSIFY"][key] = handler
+        assert h.FAST_CLASSIFY[key] is handler
         print("ok")
     ''')
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+    pickled = subprocess.run([sys.executable, "-c", dump], capture_output=True, timeout=120)
+    assert pickled.returncode == 0, pickled.stderr.decode()[-2000:]
+    out = subprocess.run([sys.executable, "-c", load], input=pickled.stdout, capture_output=True,
                          timeout=120)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+    assert out.returncode == 0 and out.stdout.decode().strip() == "ok", out.stderr.decode()[-2000:]

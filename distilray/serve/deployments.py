@@ -1,0 +1,284 @@
+"""The two Serve deployments: `Classifier` (a model replica) and `Ingress` (the HTTP front).
+
+Both are module-level classes, so Serve pickles them by reference and their methods see
+this module's real globals (the fast-path registry included). Only the routes depend on
+the config: `ingress_class(app, body_type)` subclasses `Ingress` with thin route methods on
+the config's FastAPI app, and only `classify` carries the per-config body annotation.
+
+No `from __future__ import annotations` here: FastAPI resolves the routes' parameters
+(the request body model, `Request`) from real annotations.
+"""
+
+import asyncio
+import concurrent.futures
+import logging
+import math
+import time
+from dataclasses import asdict, replace
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from pydantic import TypeAdapter, ValidationError
+from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError
+from ray.serve.metrics import Counter, Gauge, Histogram
+
+from distilray.config import ServeConfig
+from distilray.serve.app import TEXTS_IN_FLIGHT
+from distilray.serve.batching import CallCoalescer, TextBatcher
+from distilray.serve.http import CLASSIFY_PATH, FAST_CLASSIFY, bearer_matches, server_token
+from distilray.serve.predictor import Prediction, Predictor
+from distilray.serve.schema import ERROR_RESPONSES, ClassifyResponse, ErrorResponse, error_json
+
+log = logging.getLogger(__name__)
+
+BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+UNAUTHORIZED = "send 'Authorization: Bearer <token>'"
+
+
+class Classifier:
+    """One model replica: a Predictor behind a continuous-batching queue of texts."""
+
+    def __init__(self, checkpoint: str, settings: dict[str, Any]):
+        import torch
+
+        s = replace(ServeConfig(), **settings)
+        threads = s.torch_threads or max(1, int(s.num_cpus))
+        device = "cuda" if s.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        # All torch work (loading, warm-up, every forward pass) on one thread. Forward
+        # passes on a pool thread after loading on another kept only ~1.6 of 2 cores busy
+        # and ran 1.07-1.42x slower (benchmarks/serve_threads.py); the event loop stays free.
+        self._torch_thread = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="distilray-forward")
+
+        def load() -> Predictor:
+            torch.set_num_threads(threads)
+            return Predictor(checkpoint, s.max_length, s.backend, s.max_batch_tokens,
+                             device, pass_overhead_tokens=s.pass_overhead_tokens)
+
+        self._predictor = self._torch_thread.submit(load).result()
+        self._batch_size = Histogram("distilray_batch_size", "Texts per forward batch",
+                                     boundaries=BATCH_BOUNDARIES)
+        self._queue = Gauge("distilray_queue_length",
+                            "Texts waiting for or in a forward pass on this replica")
+        self._texts = Counter("distilray_texts", "Texts classified")
+        self._batcher = TextBatcher(self._forward, s.max_batch_size, s.batch_wait_timeout_s,
+                                    on_batch=self._batch_formed, executor=self._torch_thread)
+        self._failures = 0
+        self._replica_id = serve.get_replica_context().replica_id.unique_id
+        t0 = time.perf_counter()
+        self._torch_thread.submit(self._predictor.predict, ["warm-up forward pass"]).result()
+        self._warmup_ms = (time.perf_counter() - t0) * 1000
+        log.info("Classifier replica ready: %s (%s, %s, %d threads), warm-up %.0f ms",
+                 self._predictor.info["id"], device, s.backend, threads, self._warmup_ms)
+
+    async def classify(self, texts: list[str]) -> list[Prediction]:
+        self._queue.set(self._batcher.queued_texts + len(texts))
+        return await self._batcher.submit(texts)
+
+    async def classify_merged(self, texts: list[str]) -> tuple[str, list[Prediction]]:
+        """`classify`, tagged with this replica's id (the Ingress counts live replicas)."""
+        return self._replica_id, await self.classify(texts)
+
+    def _forward(self, texts: list[str]) -> list[Prediction]:
+        try:
+            preds = self._predictor.predict(texts)
+        except Exception:
+            self._failures += 1
+            raise
+        self._failures = 0
+        self._texts.inc(len(texts))
+        return preds
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Texts waiting for or in the forward pass: load, however requests were merged."""
+        return {TEXTS_IN_FLIGHT: float(self._batcher.queued_texts + self._batcher.forwarding)}
+
+    def _batch_formed(self, size: int) -> None:
+        self._batch_size.observe(size)
+        self._queue.set(self._batcher.queued_texts)
+
+    def info(self) -> dict[str, Any]:
+        p = self._predictor
+        return {"model": p.model_name, "checkpoint": p.info, "labels": p.labels,
+                "max_length": p.max_length, "backend": p.backend, "device": str(p.device),
+                "warmup_ms": round(self._warmup_ms, 1)}
+
+    def check_health(self) -> None:
+        """Serve replaces a replica whose forward pass keeps failing."""
+        if self._failures >= 3:
+            raise RuntimeError(f"{self._failures} consecutive forward passes failed")
+
+
+class Ingress:
+    """HTTP front: validate, authenticate, split into batches, retry on replica loss.
+
+    With `classifier=None` (topology=single) it loads the model itself and classifies
+    in-process: no actor hop between the HTTP front and the forward pass. `ingress_class`
+    adds the routes and sets `body_type` and `fast_path_key` for its config.
+    """
+
+    body_type: Any = None
+    """The validated `{"text"}` | `{"texts"}` body type with the config's limits."""
+    fast_path_key: str | None = None
+    """This app's key in `http.FAST_CLASSIFY` (`app.state.fast_path_key`)."""
+
+    def __init__(self, classifier: Any, settings: dict[str, Any], checkpoint: str | None = None):
+        s = replace(ServeConfig(), **settings)
+        self._classifier = classifier
+        self._local = Classifier(checkpoint, settings) if classifier is None else None
+        self._token = server_token(s.auth_token_env, s.auth_token_file)
+        self._timeout_s = s.request_timeout_s
+        self._chunk = s.max_batch_size
+        self._limits = {"max_texts": s.max_texts, "max_text_chars": s.max_text_chars}
+        self._info: dict[str, Any] | None = None
+        self._coalescer = None
+        if s.coalesce and classifier is not None:
+            queue = Gauge("distilray_ingress_queue_length",
+                          "Texts waiting at the Ingress for a Classifier call")
+            merged = classifier.classify_merged  # a handle per method: made once, here
+            self._coalescer = CallCoalescer(
+                lambda texts: self._call_classifier(merged, texts), s.max_batch_size,
+                on_queue=queue.set)
+        elif classifier is not None:
+            self._classify = classifier.classify
+        if s.http_fast_path and self.fast_path_key is not None:
+            self._body = TypeAdapter(self.body_type)  # the body validator, built in the replica
+            FAST_CLASSIFY[self.fast_path_key] = self._fast_classify
+
+    def _authorized(self, request: Request) -> bool:
+        return bearer_matches(self._token, request.headers.get("authorization", ""))
+
+    async def _fast_classify(self, body: bytes, headers: list[tuple[bytes, bytes]]) -> Any:
+        """`ClassifyFastPath`'s handler: the answer, or None to take the FastAPI route."""
+        if self._token is not None and not bearer_matches(self._token, next(
+                (v.decode("latin-1") for k, v in headers if k == b"authorization"), "")):
+            return None
+        try:
+            parsed = self._body.validate_json(body)
+        except ValidationError:
+            return None
+        return await self._answer(parsed)
+
+    async def _model_info(self) -> dict[str, Any]:
+        if self._info is None:
+            self._info = await self._replica_info()
+        return self._info
+
+    async def _replica_info(self) -> dict[str, Any]:
+        if self._local is not None:
+            return self._local.info()
+        return await self._classifier.info.remote()
+
+    def check_health(self) -> None:
+        if self._local is not None:
+            self._local.check_health()
+
+    async def _classify_chunk(self, texts: list[str]) -> list[Prediction]:
+        if self._local is not None:
+            return await self._local.classify(texts)
+        if self._coalescer is not None:
+            return await self._coalescer.submit(texts)
+        return await self._call_classifier(self._classify, texts)
+
+    async def _call_classifier(self, method: Any, texts: list[str]) -> Any:
+        # Classification is idempotent: when a Classifier replica dies mid-request the
+        # router marks it dead, and the retry lands on a live (or replacement) replica.
+        for attempt in range(1, 4):
+            try:
+                return await method.remote(texts)
+            except RayActorError:
+                if attempt == 3:
+                    raise
+                log.warning("Classifier replica lost mid-request; retry %d/2", attempt)
+                await asyncio.sleep(0.1 * attempt)
+        raise AssertionError("unreachable")
+
+    async def classify(self, body: Any, request: Request) -> Any:
+        """`POST /v1/classify` through FastAPI: the token, then `_answer`."""
+        if not self._authorized(request):
+            return error_json(401, "unauthorized", f"{UNAUTHORIZED} with the server's token",
+                              **{"WWW-Authenticate": "Bearer"})
+        return await self._answer(body)
+
+    async def _answer(self, body: Any) -> Any:
+        """Classify a validated `{"text"}` or `{"texts"}` body: the JSON answer or error."""
+        texts = [body.text] if hasattr(body, "text") else list(body.texts)
+        chunks = [texts[i: i + self._chunk] for i in range(0, len(texts), self._chunk)]
+        tasks = [asyncio.ensure_future(self._classify_chunk(c)) for c in chunks]
+        try:
+            results = await asyncio.wait_for(asyncio.gather(*tasks), self._timeout_s)
+        except TimeoutError:
+            return error_json(504, "timeout", f"classifying {len(texts)} text(s) took longer "
+                              f"than serve.request_timeout_s={self._timeout_s}s; retry later, "
+                              "send fewer texts, or raise the timeout")
+        except BackPressureError as exc:
+            retry = exc.retry_after_s
+            headers = {"Retry-After": str(math.ceil(retry))} if retry is not None else {}
+            return error_json(503, "overloaded", f"all Classifier replicas are busy "
+                              f"({exc.message}); retry after the Retry-After delay", **headers)
+        finally:
+            for task in tasks:
+                task.cancel()
+        info = await self._model_info()
+        # built by hand: ClassifyResponse documents it, re-validating it costs per request
+        return JSONResponse({"model": info["model"], "checkpoint": info["checkpoint"]["id"],
+                             "predictions": [asdict(p) for chunk in results for p in chunk]})
+
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    async def readyz(self) -> Any:
+        try:
+            info = await asyncio.wait_for(self._replica_info(), 5.0)
+        except (TimeoutError, RayActorError, BackPressureError):
+            return error_json(503, "not_ready", "no Classifier replica answered within 5s")
+        self._info = info
+        return {"status": "ready", "model": info["model"],
+                "checkpoint": info["checkpoint"]["id"], "warmup_ms": info["warmup_ms"]}
+
+    async def model_info(self, request: Request) -> Any:
+        if not self._authorized(request):
+            return error_json(401, "unauthorized", UNAUTHORIZED, **{"WWW-Authenticate": "Bearer"})
+        return {**await self._model_info(), **self._limits}
+
+
+def ingress_class(app: Any, body_type: Any) -> type:
+    """`Ingress` with its routes on `app` (from `http.make_fastapi_app`), wrapped by Serve.
+
+    The subclass is built per config, so Serve pickles it by value; it holds only these
+    route methods (the routes' names, paths and OpenAPI entries), which hand over to the
+    module-level `Ingress` methods of the same name at once.
+    """
+
+    class RoutedIngress(Ingress):
+        @app.post(CLASSIFY_PATH, response_model=ClassifyResponse, responses=ERROR_RESPONSES,
+                  summary="Classify one text or a list of texts")
+        async def classify(self, body: body_type, request: Request) -> Any:  # type: ignore[valid-type]
+            return await Ingress.classify(self, body, request)
+
+        @app.get("/healthz", summary="The HTTP front is up")
+        async def healthz(self) -> dict[str, str]:
+            return await Ingress.healthz(self)
+
+        @app.get("/readyz", summary="A model replica is loaded and has run a warm-up forward pass",
+                 responses={503: {"model": ErrorResponse}})
+        async def readyz(self) -> Any:
+            return await Ingress.readyz(self)
+
+        @app.get("/v1/model", summary="What is served: checkpoint, labels, limits",
+                 responses={401: {"model": ErrorResponse}})
+        async def model_info(self, request: Request) -> Any:
+            return await Ingress.model_info(self, request)
+
+    RoutedIngress.body_type = body_type
+    RoutedIngress.fast_path_key = app.state.fast_path_key
+    return serve.ingress(app)(RoutedIngress)
+
+
+def deployment(cls: type, options: dict[str, Any]) -> Any:
+    """`cls` as a Serve deployment with `options`, an entry of `app.deployment_options`."""
+    opts = dict(options)
+    return serve.deployment(name=opts.pop("name"))(cls).options(**opts)

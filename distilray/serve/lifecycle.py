@@ -1,0 +1,109 @@
+"""Starting, waiting for and stopping a distilray Serve application on the Ray cluster
+this process joins (`runtime.connect_ray`). The CLI and the quickstart call these."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import replace
+from typing import Any
+
+from ray import serve
+
+from distilray.checkpoints import check_servable
+from distilray.config import Config, ServeConfig
+from distilray.errors import DistilrayError
+from distilray.runtime import connect_ray
+from distilray.serve.app import bind_app, http_options
+from distilray.serve.http import server_token
+
+log = logging.getLogger(__name__)
+
+
+def base_url(cfg: ServeConfig) -> str:
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+    prefix = cfg.route_prefix.rstrip("/")
+    return f"http://{host}:{cfg.port}{prefix}"
+
+
+def wait_ready(url: str, timeout_s: float = 120.0, token: str | None = None) -> dict[str, Any]:
+    """Poll `<url>/readyz` until it answers 200; return its body."""
+    import requests
+
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            r = requests.get(f"{url}/readyz", timeout=5)
+            if r.status_code == 200:
+                return r.json()
+            last = f"HTTP {r.status_code}: {r.text[:200]}"
+        except requests.RequestException as exc:
+            last = type(exc).__name__
+        time.sleep(0.5)
+    raise DistilrayError(f"{url}/readyz did not answer 200 within {timeout_s:.0f}s (last: {last}); "
+                         "see the replica logs in /tmp/ray/session_latest/logs/serve/")
+
+
+def start_server(cfg: Config, checkpoint: str) -> str:
+    """Deploy `checkpoint` with `cfg.serve`, wait until /readyz answers, return the base URL.
+
+    Uses RAY_ADDRESS, the cluster this process is connected to, or a new local one
+    (`runtime.connect_ray`); the application lives as long as that cluster, or until
+    `shutdown_server`.
+    """
+    s = cfg.serve
+    path = check_servable(checkpoint)
+    server_token(s.auth_token_env, s.auth_token_file)  # fail here, not in every replica
+    connect_ray(include_dashboard=False, log_to_driver=False)
+    serve.start(http_options=http_options(s))
+    actual = serve.context._get_global_client().http_config
+    if (actual.host, actual.port) != (s.host, s.port):
+        log.warning("Serve is already running on %s:%s (asked for %s:%s); using it",
+                    actual.host, actual.port, s.host, s.port)
+        s = replace(s, host=actual.host, port=actual.port)
+    token = os.environ.get(s.auth_token_env)
+    # replicas on an already running cluster do not see this shell's environment
+    env = {s.auth_token_env: token} if token and not s.auth_token_file else None
+    app = bind_app(str(path), s, env)
+    t0 = time.time()
+    serve.run(app, name=s.app_name, route_prefix=s.route_prefix, blocking=False)
+    url = base_url(s)
+    ready = wait_ready(url)
+    log.info("serving %s at %s (ready in %.1fs)", ready.get("checkpoint"), url, time.time() - t0)
+    return url
+
+
+def shutdown_server(cfg: Config) -> bool:
+    """Delete the application; shut Serve down when nothing else is deployed. False if none ran."""
+    if not connect_ray(start_local=False, include_dashboard=False, log_to_driver=False):
+        return False
+    try:
+        apps = serve.status().applications
+    except Exception:  # Serve not running on this cluster
+        return False
+    if cfg.serve.app_name not in apps:
+        return False
+    serve.delete(cfg.serve.app_name)
+    if not set(apps) - {cfg.serve.app_name}:
+        serve.shutdown()
+    return True
+
+
+def serve_applications() -> list[str]:
+    """The Serve applications on the cluster this process joined (none when Serve is off)."""
+    try:
+        return sorted(serve.status().applications)
+    except Exception:  # Serve not running on this cluster
+        return []
+
+
+def serve_until_interrupted(cfg: Config) -> None:
+    """Block until Ctrl-C, then delete the application."""
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        log.info("stopping %s", cfg.serve.app_name)
+    shutdown_server(cfg)

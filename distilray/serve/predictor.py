@@ -1,0 +1,158 @@
+"""A checkpoint ready to classify: tokenise once, sort by length, pad per pass, forward.
+
+Torch and transformers only (imported inside the functions, so importing this is cheap);
+no Ray, so it is tested, benchmarked and reused without a cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from distilray.checkpoints import check_servable, checkpoint_info
+from distilray.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+
+PAD_MULTIPLE = 8  # a forward pass is padded to a multiple of this many tokens
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    score: float
+    probabilities: dict[str, float]
+
+
+class Predictor:
+    """A checkpoint ready to classify: tokenise once, sort by length, pad per chunk, forward."""
+
+    def __init__(self, checkpoint: str, max_length: int = 128, backend: str = "torch",
+                 max_batch_tokens: int = 8192, device: str = "cpu", torch_threads: int = 0,
+                 pass_overhead_tokens: int | None = None):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        path = check_servable(checkpoint)
+        if torch_threads > 0:
+            torch.set_num_threads(torch_threads)
+        self.info = checkpoint_info(path)
+        trained_len = self.info.get("max_length")
+        if trained_len and trained_len != max_length:
+            log.warning("serving with max_length=%d but %s was trained with max_length=%d",
+                        max_length, path, trained_len)
+        self.max_length = max_length
+        self.max_batch_tokens = max_batch_tokens
+        self.device = torch.device(device)
+        # CPU: a pass costs ~30-60 tokens of work beyond its own (2 cores; 64 measured best), so
+        # splitting a length-sorted batch beats padding short texts to the longest. GPU: the
+        # per-pass cost dwarfs padding, so one pass per token budget.
+        self.pass_overhead_tokens = (pass_overhead_tokens if pass_overhead_tokens is not None
+                                     else 64 if self.device.type == "cpu" else max_batch_tokens)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(str(path))
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"cannot load {path} as a sequence classifier: {exc}") from None
+        model.eval()
+        if backend == "int8":
+            if self.device.type != "cpu":
+                raise ConfigError("serve.backend=int8 runs on CPU only; set serve.num_gpus=0 "
+                                  "or serve.backend=torch")
+            model = quantize_int8(model)
+        self.model = model.to(self.device)
+        self.backend = backend
+        id2label = model.config.id2label
+        self.labels = [str(id2label[i]) for i in range(len(id2label))]
+        self.model_name = self.info.get("model_name") or path.name
+        self.pad_id = self.tokenizer.pad_token_id or 0
+
+    def chunks(self, lengths: Sequence[int]) -> list[list[int]]:
+        """Row indices sorted by length, in forward passes planned by `plan_chunks`."""
+        return plan_chunks(lengths, self.max_batch_tokens, self.pass_overhead_tokens,
+                           self.max_length)
+
+    def logits(self, texts: Sequence[str]) -> Any:
+        """Logits (numpy, float32) in input order."""
+        import numpy as np
+        import torch
+
+        from distilray.data import pad_batch, tokenize_texts
+
+        ids = tokenize_texts(self.tokenizer, texts, self.max_length)
+        result = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
+        with torch.inference_mode():
+            for chunk in self.chunks([len(r) for r in ids]):
+                input_ids, mask = pad_batch([ids[i] for i in chunk], self.pad_id, "dynamic",
+                                            self.max_length, PAD_MULTIPLE)
+                out = self.model(input_ids=torch.from_numpy(input_ids).to(self.device),
+                                 attention_mask=torch.from_numpy(mask).to(self.device))
+                result[chunk] = out.logits.float().cpu().numpy()
+        return result
+
+    def predict(self, texts: Sequence[str]) -> list[Prediction]:
+        import numpy as np
+
+        if not texts:
+            return []
+        logits = self.logits(texts)
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        probs = np.exp(shifted)
+        probs /= probs.sum(axis=1, keepdims=True)
+        out = []
+        for row in probs:
+            best = int(row.argmax())
+            out.append(Prediction(label=self.labels[best], score=float(row[best]),
+                                  probabilities={lab: float(p) for lab, p in zip(self.labels, row, strict=True)}))
+        return out
+
+
+def plan_chunks(lengths: Sequence[int], max_batch_tokens: int, pass_overhead_tokens: int,
+                max_length: int) -> list[list[int]]:
+    """Split rows, sorted by length, into forward passes of least padded tokens + overhead.
+
+    A pass over rows i..j (sorted) is padded by `pad_batch` to row j's `padded_length`, so it
+    costs `(j - i + 1) * width + pass_overhead_tokens`; one pass never exceeds
+    `max_batch_tokens` unless it is a single row. Exact dynamic programme over the sorted order.
+    """
+    from distilray.data import padded_length
+
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    widths = [padded_length([lengths[i]], "dynamic", max_length, PAD_MULTIPLE) for i in order]
+    best = [0.0] + [math.inf] * len(order)  # best[j]: cost of the first j sorted rows
+    start = [0] * (len(order) + 1)
+    for j in range(1, len(order) + 1):
+        width = widths[j - 1]
+        for i in range(j, 0, -1):  # last pass = sorted rows i-1 .. j-1
+            rows = j - i + 1
+            if rows > 1 and rows * width > max_batch_tokens:
+                break
+            cost = best[i - 1] + rows * width + pass_overhead_tokens
+            if cost < best[j]:
+                best[j], start[j] = cost, i - 1
+    out: list[list[int]] = []
+    j = len(order)
+    while j > 0:
+        out.append(order[start[j]:j])
+        j = start[j]
+    return out[::-1]
+
+
+def quantize_int8(model: Any) -> Any:
+    """Dynamic int8 quantisation of every nn.Linear, one weight scale per output channel.
+
+    Per-tensor scales cost MiniLM-on-SST-2 a point of accuracy and 6% of its predictions;
+    per-channel keeps accuracy (within 1 point) and agrees with fp32 on 97–98% of sentences
+    (96.8% for the SST-2 checkpoint trained with the CPU kernels' dropout stream).
+    """
+    import torch
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch marks the eager quantisation API deprecated
+        return quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig},
+                                dtype=torch.qint8)
