@@ -43,7 +43,8 @@ def wait_ready(url: str, timeout_s: float = 120.0, token: str | None = None) -> 
             last = type(exc).__name__
         time.sleep(0.5)
     raise DistilrayError(f"{url}/readyz did not answer 200 within {timeout_s:.0f}s (last: {last}); "
-                         "see the replica logs in /tmp/ray/session_latest/logs/serve/")
+                         "see the replica logs in logs/serve/ of the Ray session directory "
+                         "(ray.get_runtime_context() names it; /tmp/ray/session_latest for Ray's default)")
 
 
 def start_server(cfg: Config, checkpoint: str) -> str:

@@ -78,13 +78,18 @@ class Predictor:
 
     def logits(self, texts: Sequence[str]) -> Any:
         """Logits (numpy, float32) in input order."""
+        from distilray.data import tokenize_texts
+
+        return self.logits_for_ids(tokenize_texts(self.tokenizer, texts, self.max_length))
+
+    def logits_for_ids(self, ids: Sequence[Sequence[int]]) -> Any:
+        """Logits of already tokenised rows (batch inference tokenises in its own stage)."""
         import numpy as np
         import torch
 
-        from distilray.data import pad_batch, tokenize_texts
+        from distilray.data import pad_batch
 
-        ids = tokenize_texts(self.tokenizer, texts, self.max_length)
-        result = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
+        result = np.zeros((len(ids), len(self.labels)), dtype=np.float32)
         with torch.inference_mode():
             for chunk in self.chunks([len(r) for r in ids]):
                 input_ids, mask = pad_batch([ids[i] for i in chunk], self.pad_id, "dynamic",

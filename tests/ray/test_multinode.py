@@ -147,6 +147,31 @@ def test_two_node_cluster_trains_across_nodes_and_serves(tmp_path):
         clf = pipeline("text-classification", model=str(best))
         assert clf("a wonderful film")[0]["label"] in ("negative", "positive")
 
+        # --- batch prediction job: model actors on both nodes (2 CPUs each, 3 per node)
+        inp = tmp_path / "predict-in"
+        inp.mkdir()
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from distilray.data import generate_synthetic_sentiment
+
+        rows = generate_synthetic_sentiment(1600, seed=9)
+        for i in range(8):
+            pq.write_table(rows.slice(i * 200, 200).append_column("id", pa.array(range(i * 200, i * 200 + 200))),
+                           inp / f"part{i}.parquet")
+        predict_id = f"mn-predict-{uuid.uuid4().hex[:8]}"
+        proc = _submit(env, predict_id, "distilray", "predict", "--checkpoint", str(best), "--input",
+                       str(inp), "--output", str(results / "predictions"), "--set",
+                       "predict.min_actors=2", "--set", "predict.max_actors=2", "--set",
+                       "predict.cpus_per_actor=2", "--set", "predict.batch_size=32")
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+        assert _job_status(state, token, predict_id) == "SUCCEEDED"
+        predicted = json.loads((results / "predictions" / "_SUCCESS.json").read_text())
+        assert predicted["rows"] == predicted["predicted"] == 1600
+        assert set(predicted["rows_per_node"]) == {head_id, worker_id}, predicted["rows_per_node"]
+        assert sum(predicted["rows_per_node"].values()) == 1600
+        phases.done("batch predict job")
+
         # --- detached serve job: returns once healthy, the app keeps serving
         port = _free_port()
         serve_id = f"mn-serve-{uuid.uuid4().hex[:8]}"
