@@ -24,8 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 def search(args: argparse.Namespace, scheduler: str, name: str) -> dict:
     from distilray.config import load_config
     from distilray.files import read_jsonl
-    from distilray.report import load_experiment_summary
-    from distilray.tune import run_tune
+    from distilray.tune.search import run_tune
+    from distilray.tune.summary import load_experiment_summary
 
     cfg = load_config(REPO / "tune" / "tiny-grid.yaml", [
         f"data.dataset={args.data}", f"data.max_train_samples={args.rows}", f"train.epochs={args.epochs}",

@@ -85,7 +85,7 @@ def _print_run_finished(summary: Mapping[str, Any]) -> None:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from distilray.tune import run_tune
+    from distilray.tune.search import run_tune
 
     cfg = load_args_config(args)
     summary = run_tune(cfg, resume=args.resume, dry_run=args.dry_run)
@@ -111,7 +111,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from distilray.report import write_report
+    from distilray.tune.report import write_report
 
     paths = write_report(args.experiment)
     print(f"report: {paths['html']}\n        {paths['md']}\n        {paths['csv']}")

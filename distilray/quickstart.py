@@ -37,7 +37,7 @@ def run_quickstart(cfg: Config | None = None, keep_serving: bool = False) -> dic
     from distilray.runtime import connect_ray
     from distilray.serve.lifecycle import serve_until_interrupted, shutdown_server, start_server
     from distilray.train import run_training
-    from distilray.tune import run_tune
+    from distilray.tune.search import run_tune
 
     cfg = cfg or default_config()
     started = time.time()

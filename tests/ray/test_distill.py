@@ -121,7 +121,7 @@ def test_both_teacher_logit_modes_train_the_same_student(tiny_teacher, tmp_path,
 
 
 def test_tune_searches_temperature_and_alpha(tiny_teacher, tmp_path):
-    from distilray.tune import run_tune
+    from distilray.tune.search import run_tune
 
     cfg = load_config(REPO / "tune" / "distill-t-alpha.yaml", [
         f"distill.teacher={tiny_teacher}", "distill.student=layers:1", "model.dropout=0.0",

@@ -22,9 +22,9 @@ from ray.util.placement_group import PlacementGroup, placement_group_table
 
 from distilray.config import load_config
 from distilray.errors import ClusterError
-from distilray.report import load_experiment_summary
 from distilray.train import REPORTED_METRICS, read_metrics
-from distilray.tune import run_placement_groups, run_tune
+from distilray.tune.search import run_placement_groups, run_tune
+from distilray.tune.summary import load_experiment_summary
 
 pytestmark = pytest.mark.ray
 
@@ -57,7 +57,7 @@ def test_search_with_bad_values_picks_a_sensible_config_and_asha_stops_weak_tria
     # sensible trial has set the bar there.
     cfg = tune_cfg(tmp_path, sst2_dir, "acc")
     assert (cfg.tune.scheduler, cfg.train.epochs, cfg.tune.grace_period) == ("asha", 2, 1)
-    caplog.set_level(logging.INFO, logger="distilray.tune")
+    caplog.set_level(logging.INFO, logger="distilray.tune.search")
     summary = run_tune(cfg)
     exp_dir = tmp_path / "acc"
     exp = load_experiment_summary(exp_dir)
@@ -91,7 +91,7 @@ def test_search_with_bad_values_picks_a_sensible_config_and_asha_stops_weak_tria
             for g in groups} == {"REMOVED"}
 
     # progress: one line per state change, with the current best
-    lines = [r.getMessage() for r in caplog.records if r.name == "distilray.tune"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "distilray.tune.search"]
     assert sum(" running (lr=" in ln for ln in lines) == 6
     assert sum(" stopped early (ASHA) at epoch 1.00" in ln for ln in lines) == len(stopped)
     assert sum(" done at epoch 2.00" in ln for ln in lines) == 6 - len(stopped)

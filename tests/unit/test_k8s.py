@@ -490,7 +490,7 @@ def test_tune_entrypoints_parse_and_pass_the_tune_checks(overlay, pod_paths):
     the checks `distilray tune` makes before it starts Ray (space, search, scheduler)."""
     from distilray.cli import build_parser, check_entrypoint
     from distilray.config import apply_overrides, load_config
-    from distilray.tune import check_tune_config
+    from distilray.tune.space import check_tune_config
 
     (entry,) = [e for o, e in all_entrypoints("tune") if o == overlay]
     argv = localise(entry, pod_paths)

@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 
 from distilray.config import dump_config, load_config
-from distilray.report import Scale, load_experiment_summary, write_report
+from distilray.tune.plots import Scale
+from distilray.tune.report import write_report
+from distilray.tune.summary import load_experiment_summary
 
 SPACE = ("tune.space={train.lr: {type: loguniform, low: 1.0e-7, high: 0.5}, "
          "train.weight_decay: {type: choice, values: [0.0, 0.01, 1.0]}}")

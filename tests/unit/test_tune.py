@@ -12,19 +12,15 @@ import pytest
 from distilray.config import apply_overrides, load_config
 from distilray.errors import ConfigError
 from distilray.train import REPORTED_METRICS
-from distilray.tune import (
+from distilray.tune.experiment import (
     BEST_DIR,
     BEST_FILE,
-    METRIC_MODES,
     absolutize_paths,
-    build_param_space,
-    check_tune_config,
-    count_trials,
     export_best,
-    max_epochs,
     select_best,
     trial_config,
 )
+from distilray.tune.space import METRIC_MODES, check_tune_config, count_trials, max_epochs
 
 REPO = Path(__file__).resolve().parents[2]
 PRESETS = sorted((REPO / "tune").glob("*.yaml"))
@@ -140,6 +136,8 @@ def test_resume_of_an_unknown_experiment_says_where_it_looked(tmp_path):
 def test_param_space_and_trial_counts():
     from ray.tune.search.sample import Categorical, Float, LogUniform
 
+    from distilray.tune.search import build_param_space
+
     space = {"train.lr": {"type": "loguniform", "low": 1e-5, "high": 1e-4},
              "train.weight_decay": {"type": "choice", "values": [0.0, 0.1]},
              "train.warmup_ratio": {"type": "grid", "values": [0.0, 0.1, 0.2]}}
@@ -223,7 +221,7 @@ def test_export_best_copies_the_best_checkpoint_without_optimizer_state(tmp_path
 
 
 def test_optuna_is_an_extra_with_a_clear_message(monkeypatch):
-    from distilray.tune import make_search_alg
+    from distilray.tune.search import make_search_alg
 
     cfg = with_space({"train.lr": {"type": "loguniform", "low": 1e-5, "high": 1e-4}}, "tune.search_alg=optuna")
     check_tune_config(cfg)
@@ -239,7 +237,7 @@ def test_optuna_is_an_extra_with_a_clear_message(monkeypatch):
 
 
 def test_run_placement_groups_come_from_the_workers_log(tmp_path):
-    from distilray.tune import run_placement_groups
+    from distilray.tune.search import run_placement_groups
 
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
         {"event": "worker", "rank": 0, "placement_group": "aa01"},
