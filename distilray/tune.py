@@ -18,9 +18,7 @@ Experiment layout (`<tune.storage_path>/<tune.name>/`):
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import json
 import logging
 import math
@@ -34,8 +32,8 @@ from distilray.checkpoints import NOT_SERVED
 from distilray.config import Config, apply_overrides, config_to_dict, dump_config, load_config
 from distilray.errors import ClusterError, ConfigError, RunFailed
 from distilray.files import replace_dir_atomic, write_json_atomic
+from distilray.metrics import REPORTED_METRICS
 from distilray.runtime import DATA_CPUS, connect_ray, is_uri, resolve_storage
-from distilray.train import REPORTED_METRICS
 
 log = logging.getLogger(__name__)
 
@@ -307,11 +305,13 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], exp_dir: str) -> Non
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from distilray.config import config_from_dict
-    from distilray.train import fit, prepare_run
+    from distilray.distill.objective import objective_for
+    from distilray.train.run import fit, prepare_run
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = trial_config(config_from_dict(base), params, exp_dir, trial_id)
-    run = prepare_run(cfg)
+    objective = objective_for(cfg)
+    run = prepare_run(cfg, objective)
     plan = {"total_steps": run.plan.total_steps, "steps_per_epoch": run.plan.steps_per_epoch}
 
     class TrialReportCallback(TuneReportCallback):
@@ -320,22 +320,13 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], exp_dir: str) -> Non
         def after_report(self, run_context, metrics, checkpoint):
             super().after_report(run_context, [{**m, **plan} for m in metrics], checkpoint)
 
-    extra = None
-    if cfg.distill.teacher and cfg.distill.teacher_logits == "precomputed":
-        from distilray.distill import precompute_teacher_logits
-
-        # the distillation stage's own step, cached under runs/: computed once per search
-        extra = precompute_teacher_logits(run, batch_size=max(32, cfg.train.batch_size * 4))
-    # fit() ends by printing how to serve this run's best checkpoint; for a trial the search's
-    # best/ is what to serve, so that line goes to the trial's log at debug level instead.
-    with contextlib.redirect_stdout(io.StringIO()) as printed:
-        fit(run, extra_train_columns=extra, callbacks=[TrialReportCallback()])
-    log.debug("trial %s: %s", trial_id, printed.getvalue().strip())
+    # a distillation search's teacher logits are cached under runs/: computed once per search
+    fit(run, objective, callbacks=[TrialReportCallback()])
 
 
 def run_placement_groups(run_dir: Path) -> set[str]:
     """Placement groups the workers of a Train run were placed in (from its metrics.jsonl)."""
-    from distilray.train import read_metrics
+    from distilray.train.run import read_metrics
 
     return {r["placement_group"] for r in read_metrics(run_dir)
             if r.get("event") == "worker" and r.get("placement_group")}
@@ -452,7 +443,7 @@ def preflight_cluster(cfg: Config) -> Config:
     """
     import ray
 
-    from distilray.train import preflight
+    from distilray.train.run import preflight
 
     tc, tn = cfg.train, cfg.tune
     workers = max([tc.num_workers, *space_extremes(cfg, "train.num_workers")])
@@ -508,7 +499,8 @@ class Experiment:
 
 def new_experiment(cfg: Config) -> Experiment:
     """Validate everything that can be checked without Ray, then lay out the experiment directory."""
-    from distilray.train import default_run_name, prepare_run
+    from distilray.distill.objective import objective_for
+    from distilray.train.run import default_run_name, prepare_run
 
     check_tune_config(cfg)
     name = cfg.tune.name or default_run_name().replace("distilray-", "tune-")
@@ -519,7 +511,7 @@ def new_experiment(cfg: Config) -> Experiment:
                           f"`distilray tune --resume {name} --storage-path {cfg.tune.storage_path}` "
                           "or choose another tune.name")
     # Model, data and step arithmetic of the base config (and so of every trial) fail here.
-    prepare_run(trial_config(cfg, {}, str(exp_dir), "preflight"))
+    prepare_run(trial_config(cfg, {}, str(exp_dir), "preflight"), objective_for(cfg))
     return Experiment(name, exp_dir, cfg)
 
 

@@ -22,8 +22,9 @@ from ray.util.placement_group import PlacementGroup, placement_group_table
 
 from distilray.config import load_config
 from distilray.errors import ClusterError
+from distilray.metrics import REPORTED_METRICS
 from distilray.report import load_experiment_summary
-from distilray.train import REPORTED_METRICS, read_metrics
+from distilray.train.run import read_metrics
 from distilray.tune import run_placement_groups, run_tune
 
 pytestmark = pytest.mark.ray
