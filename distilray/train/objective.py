@@ -3,8 +3,8 @@
 The driver (`train/run.py`) and every worker (`train/loop.py`) call these hooks and nothing
 recipe-specific, so fine-tuning and distillation share one loop: torchtune's `_loss_step`
 seam, extended to the driver side. `Classification` is plain fine-tuning with cross-entropy;
-`distilray.distill.objective.DistillObjective` is the other implementation (train never
-imports it). An objective travels to the workers inside `train_loop_config`: it is a
+the distill package's `DistillObjective` is the other implementation (train never imports
+it). An objective travels to the workers inside `train_loop_config`: it is a
 module-level class, so Ray pickles it by reference, and it holds no model until
 `setup_worker` runs on the worker.
 """
