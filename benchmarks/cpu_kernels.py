@@ -24,8 +24,8 @@ from train_throughput import LABELS, subset  # noqa: E402
 
 from distilray.cpu_kernels import use_cpu_training_kernels  # noqa: E402
 from distilray.data import pad_batch, tokenize_texts  # noqa: E402
-from distilray.engine import param_groups  # noqa: E402
 from distilray.model import load_classifier, load_tokenizer, resolve_model  # noqa: E402
+from distilray.train.plan import param_groups  # noqa: E402
 
 VARIANTS = {"stock torch": (False, False), "fused AdamW": (False, True),
             "cpu_kernels": (True, False), "cpu_kernels + fused AdamW (distilray)": (True, True)}

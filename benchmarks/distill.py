@@ -18,13 +18,8 @@ from pathlib import Path
 
 from distilray.config import apply_overrides, load_config
 from distilray.data import load_splits
-from distilray.distill import (
-    distill_config,
-    measure_checkpoints,
-    render_report,
-    retention,
-    run_distillation,
-)
+from distilray.distill.objective import DistillObjective, run_distillation
+from distilray.distill.report import measure_checkpoints, render_report, retention
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,7 +44,7 @@ def main() -> None:
         f"data.max_train_samples={args.train_samples}", f"train.num_workers={args.workers}",
         f"train.storage_path={args.storage}", "train.max_failures=1", "train.log_every_steps=50",
         *args.overrides])
-    base = distill_config(base)
+    base = DistillObjective().prepare(base)  # the teacher resolved; its vocabulary tokenises
     started = time.time()
     kd = run_distillation(apply_overrides(base, {"train.name": f"{args.name}-kd"}))
     kd_time = time.time() - started

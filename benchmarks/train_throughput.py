@@ -31,9 +31,10 @@ import torch
 
 from distilray.config import load_config
 from distilray.data import load_splits, pad_batch, tokenize_texts
-from distilray.engine import arrange_for_workers, build_optimizer, build_scheduler, make_plan
 from distilray.model import load_classifier, load_tokenizer, resolve_model
-from distilray.train import read_metrics, run_training
+from distilray.train.objective import Classification
+from distilray.train.plan import arrange_for_workers, build_optimizer, build_scheduler, make_plan
+from distilray.train.run import read_metrics, run_training
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 LABELS = ["negative", "positive"]
@@ -116,7 +117,7 @@ def distilray_rate(data_dir: Path, workers: int, steps: int, warmup: int, storag
         "train.log_every_steps=1", "train.max_failures=0", f"train.storage_path={storage}",
         f"train.name={name}", f"train.cpu_kernels={str(cpu_kernels).lower()}",
         *(["train.mixed_precision=bf16"] if bf16 else [])])
-    result = run_training(cfg)
+    result = run_training(cfg, Classification())
     log = [r for r in read_metrics(result["run_dir"]) if r["event"] == "train"]
     first = next(r for r in log if r["step"] == warmup)
     last = next(r for r in log if r["step"] == warmup + steps)

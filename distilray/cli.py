@@ -62,16 +62,22 @@ def load_args_config(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from distilray.train import run_training
+    from distilray.distill.objective import objective_for
+    from distilray.train.run import run_training
 
-    summary = run_training(load_args_config(args), dry_run=args.dry_run)
+    cfg = load_args_config(args)
+    summary = run_training(cfg, objective_for(cfg), dry_run=args.dry_run)
     if summary.get("dry_run"):
-        plan = summary["plan"]
-        print(f"dry run OK: run '{summary['run_name']}', {plan['total_steps']} steps on "
-              f"{summary['num_workers']} worker(s); checkpoints under {summary['run_dir']}")
+        _print_dry_run(summary)
         return 0
     _print_run_finished(summary)
     return 0
+
+
+def _print_dry_run(summary: Mapping[str, Any]) -> None:
+    plan = summary["plan"]
+    print(f"dry run OK: run '{summary['run_name']}', {plan['total_steps']} steps on "
+          f"{summary['num_workers']} worker(s); checkpoints under {summary['run_dir']}")
 
 
 def _print_run_finished(summary: Mapping[str, Any]) -> None:
@@ -105,9 +111,22 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from distilray.distill import distill_main
+    from distilray.distill.objective import run_distillation
+    from distilray.distill.report import write_distill_report
 
-    return distill_main(load_args_config(args), args)
+    cfg = load_args_config(args)
+    summary = run_distillation(cfg, dry_run=args.dry_run)
+    if summary.get("dry_run"):
+        _print_dry_run(summary)
+        return 0
+    report = write_distill_report(cfg, summary)
+    student = report["student_checkpoint"]
+    if report["text"] is None:
+        print(f"student checkpoint: {student} (report skipped: the run directory is not local)")
+        return 0
+    print("\n" + report["text"])
+    print(f"student checkpoint: {student}\nserve it: distilray serve --checkpoint {student}")
+    return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -1,4 +1,5 @@
-"""Files other processes read: written to a private temp name and renamed, read tolerantly.
+"""Files other processes read (written to a private temp name and renamed, read tolerantly),
+and where runs are stored (a local directory or an s3:// / gs:// URI).
 
 Concurrent writers (Tune trials, replicas, a driver killed mid-write) each rename their own
 complete file into place, so a reader sees the old content or the new, never half of either.
@@ -15,6 +16,8 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from distilray.errors import ConfigError
 
 
 def _temp_sibling(path: Path) -> Path:
@@ -113,3 +116,26 @@ def sha256_file(path: str | Path, chunk_bytes: int = 1 << 22) -> str:
         for chunk in iter(lambda: fh.read(chunk_bytes), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def resolve_storage(path: str) -> str:
+    return path if is_uri(path) else str(Path(path).expanduser().resolve())
+
+
+def check_storage_writable(storage: str, key: str = "train.storage_path") -> None:
+    """Fail before any work when checkpoints could not be written."""
+    if is_uri(storage):
+        return
+    path = Path(storage)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".distilray-write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"{key}={storage!r} is not writable ({exc.strerror}); "
+                          "choose a directory you can write to, or an s3:// / gs:// URI") from None

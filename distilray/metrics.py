@@ -27,3 +27,8 @@ def metrics_from_confusion(cm: np.ndarray, prefix: str = "eval_") -> dict[str, f
         f"{prefix}macro_f1": float(f1.mean()),
         f"{prefix}count": int(total),
     }
+
+
+REPORTED_METRICS = ("eval_accuracy", "eval_macro_f1", "eval_loss", "eval_count", "step", "epoch", "lr",
+                    "train_loss")
+"""Keys of every evaluation's `ray.train.report` (what Tune can rank and schedule on)."""

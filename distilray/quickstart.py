@@ -34,9 +34,10 @@ def _banner(step: int, text: str, started: float) -> None:
 def run_quickstart(cfg: Config | None = None, keep_serving: bool = False) -> dict:
     """Fine-tune with Ray Train, search lr with Ray Tune (ASHA), serve the best, classify."""
     from distilray.client import classify
+    from distilray.distill.objective import objective_for
     from distilray.runtime import connect_ray
     from distilray.serve.lifecycle import serve_until_interrupted, shutdown_server, start_server
-    from distilray.train import run_training
+    from distilray.train.run import run_training
     from distilray.tune.search import run_tune
 
     cfg = cfg or default_config()
@@ -47,7 +48,7 @@ def run_quickstart(cfg: Config | None = None, keep_serving: bool = False) -> dic
     # Logical CPUs beyond the cores let two trials overlap their start-up (Ray, model load).
     connect_ray(min_cpus=2 * cfg.tune.max_concurrent_trials * cfg.train.cpus_per_worker)
     _banner(1, f"fine-tune {cfg.model.name} on {cfg.data.dataset} with Ray Train", started)
-    trained = run_training(cfg)
+    trained = run_training(cfg, objective_for(cfg))
 
     _banner(2, "search the learning rate with Ray Tune (ASHA)", started)
     search_cfg = apply_overrides(cfg, {

@@ -1,4 +1,4 @@
-"""Where distilray's stages meet Ray: joining or starting a cluster, and run storage.
+"""Where distilray's stages meet Ray: joining or starting a cluster, Serve's node env, Ray Data.
 
 Which cluster a command uses is decided here, once, for every stage:
 - `RAY_ADDRESS` set (a `distilray cluster up` env.sh, `ray job submit`, a KubeRay pod): join it;
@@ -13,9 +13,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from pathlib import Path
-
-from distilray.errors import ConfigError
 
 DATA_CPUS = 1
 """CPUs left free for Ray Data's tokenising tasks; without one the trainer waits forever."""
@@ -80,26 +77,3 @@ def quiet_ray_data() -> None:
     ctx.enable_progress_bars = False
     ctx.enable_operator_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-
-
-def is_uri(path: str) -> bool:
-    return "://" in path
-
-
-def resolve_storage(path: str) -> str:
-    return path if is_uri(path) else str(Path(path).expanduser().resolve())
-
-
-def check_storage_writable(storage: str, key: str = "train.storage_path") -> None:
-    """Fail before any work when checkpoints could not be written."""
-    if is_uri(storage):
-        return
-    path = Path(storage)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".distilray-write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError(f"{key}={storage!r} is not writable ({exc.strerror}); "
-                          "choose a directory you can write to, or an s3:// / gs:// URI") from None

@@ -62,14 +62,15 @@ def sst2_run(ray_4_cpus, sst2_dir, tmp_path_factory) -> dict:
     minutes on 2 cores, so it is trained once per session.
     """
     from distilray.config import load_config
-    from distilray.train import run_training
+    from distilray.train.objective import Classification
+    from distilray.train.run import run_training
 
     storage = tmp_path_factory.mktemp("sst2-runs")
     cfg = load_config(REPO / "configs" / "sst2.yaml", [
         f"data.dataset={sst2_dir}", "data.max_train_samples=12000", "train.num_workers=2",
         "train.batch_size=8", "train.warmup_ratio=0.06", f"train.storage_path={storage}",
         "train.name=sst2-minilm", "train.log_every_steps=50", "train.max_failures=0"])
-    return run_training(cfg)
+    return run_training(cfg, Classification())
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ from typing import Any
 from distilray.checkpoints import check_servable
 from distilray.config import Config, ServeConfig, config_from_dict
 from distilray.errors import CheckpointError, ConfigError
+from distilray.serve.schema import TEXTS_IN_FLIGHT
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,6 @@ TEXTS_POLICY_PATH = "distilray.serve:texts_in_flight_policy"
 INGRESS_NAME = "Ingress"
 CLASSIFIER_NAME = "Classifier"
 INGRESS_NUM_CPUS = 0.1  # JSON, auth and awaiting the Classifier: no model, little CPU
-TEXTS_IN_FLIGHT = "texts_in_flight"  # the custom autoscaling metric a coalesced Classifier reports
 # ServeConfig keys the replica reads (passed as `args.serve`); the rest are deployment
 # options, written once in the Serve config's `deployments:` section where Serve applies them.
 REPLICA_KEYS = ("max_batch_size", "batch_wait_timeout_s", "max_texts", "max_text_chars",

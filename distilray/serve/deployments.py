@@ -26,11 +26,16 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.metrics import Counter, Gauge, Histogram
 
 from distilray.config import ServeConfig
-from distilray.serve.app import TEXTS_IN_FLIGHT
 from distilray.serve.batching import CallCoalescer, TextBatcher
 from distilray.serve.http import CLASSIFY_PATH, FAST_CLASSIFY, bearer_matches, server_token
 from distilray.serve.predictor import Prediction, Predictor
-from distilray.serve.schema import ERROR_RESPONSES, ClassifyResponse, ErrorResponse, error_json
+from distilray.serve.schema import (
+    ERROR_RESPONSES,
+    TEXTS_IN_FLIGHT,
+    ClassifyResponse,
+    ErrorResponse,
+    error_json,
+)
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 # "Some character outside Unicode White_Space", spelled out: `\S` differs between the
 # validator (Rust regex), JSON Schema (ECMA-262) and Python `re` (e.g. on U+0085), and the
 # OpenAPI schema must accept exactly what the server accepts.
+TEXTS_IN_FLIGHT = "texts_in_flight"
+"""The custom autoscaling metric a coalesced Classifier reports and its policy reads."""
+
 NOT_ONLY_WHITESPACE = (r"[^\t-\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f"
                        r"\u205f\u3000]")
 

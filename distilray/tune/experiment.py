@@ -24,8 +24,7 @@ from typing import Any
 from distilray.checkpoints import NOT_SERVED
 from distilray.config import Config, apply_overrides, load_config
 from distilray.errors import ConfigError
-from distilray.files import replace_dir_atomic, write_json_atomic
-from distilray.runtime import is_uri, resolve_storage
+from distilray.files import is_uri, replace_dir_atomic, resolve_storage, write_json_atomic
 
 CONFIG_FILE = "config.yaml"
 EVENTS_FILE = "events.jsonl"

@@ -30,10 +30,10 @@ from ray.tune.search import BasicVariantGenerator
 from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 
 from distilray.config import Config, apply_overrides, config_from_dict, config_to_dict, dump_config
-from distilray.distill import precompute_teacher_logits  # MERGE: distill.objective.objective_for
+from distilray.distill.objective import objective_for
 from distilray.errors import ClusterError, ConfigError, RunFailed
 from distilray.runtime import DATA_CPUS, connect_ray
-from distilray.train import default_run_name, fit, preflight, prepare_run, read_metrics  # MERGE
+from distilray.train.run import default_run_name, fit, preflight, prepare_run, read_metrics
 from distilray.tune.experiment import (
     CONFIG_FILE,
     EVENTS_FILE,
@@ -47,10 +47,6 @@ from distilray.tune.experiment import (
 )
 from distilray.tune.report import write_report
 from distilray.tune.space import check_tune_config, count_trials, max_epochs, space_extremes
-
-# MERGE (the train/ and distill/ packages): the import lines marked MERGE switch to
-# distilray.train.run (default_run_name, fit, prepare_run, preflight, read_metrics) and
-# distilray.distill.objective.objective_for, which run_trial passes to fit instead of `extra`.
 
 log = logging.getLogger(__name__)
 
@@ -128,13 +124,11 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], exp_dir: str) -> Non
     """One Tune trial: the driver of one `distilray train` run with the trial's values."""
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(config_from_dict(base), params, exp_dir, trial_id)
-    run = prepare_run(cfg)
+    objective = objective_for(cfg)  # a distillation search trains students
+    run = prepare_run(cfg, objective)
     plan = {"total_steps": run.plan.total_steps, "steps_per_epoch": run.plan.steps_per_epoch}
-    extra = None
-    if cfg.distill.teacher and cfg.distill.teacher_logits == "precomputed":
-        # the distillation stage's own step, cached under runs/: computed once per search
-        extra = precompute_teacher_logits(run, batch_size=max(32, cfg.train.batch_size * 4))
-    fit(run, extra_train_columns=extra, callbacks=[TrialReportCallback(plan)])  # MERGE: objective
+    # a distillation search's precomputed teacher logits are cached under runs/: one pass per search
+    fit(run, objective, callbacks=[TrialReportCallback(plan)])
 
 
 def run_placement_groups(run_dir: Path) -> set[str]:
@@ -304,7 +298,7 @@ def new_experiment(cfg: Config) -> Experiment:
                           f"`distilray tune --resume {name} --storage-path {cfg.tune.storage_path}` "
                           "or choose another tune.name")
     # Model, data and step arithmetic of the base config (and so of every trial) fail here.
-    prepare_run(trial_config(cfg, {}, str(exp_dir), "preflight"))
+    prepare_run(trial_config(cfg, {}, str(exp_dir), "preflight"), objective_for(cfg))
     return Experiment(name, exp_dir, cfg)
 
 

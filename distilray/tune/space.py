@@ -12,8 +12,8 @@ from typing import Any
 
 from distilray.config import Config, apply_overrides
 from distilray.errors import ConfigError
-from distilray.runtime import is_uri
-from distilray.train import REPORTED_METRICS  # MERGE: distilray.metrics
+from distilray.files import is_uri
+from distilray.metrics import REPORTED_METRICS
 
 DISTRIBUTIONS: dict[str, tuple[str, ...]] = {
     "loguniform": ("low", "high"),
@@ -33,70 +33,75 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _key_problem(key: Any, spec: Any, where: str) -> str | None:
+    """Why this space entry's key or shape cannot be searched, or None."""
+    if str(key) in SET_PER_TRIAL:
+        return f"{where}: {key} is set by each trial and cannot be searched"
+    if str(key).split(".")[0] not in TUNABLE_SECTIONS or "." not in str(key):
+        return (f"{where}: only keys of the sections {', '.join(TUNABLE_SECTIONS)} can be "
+                "searched, written section.key (e.g. train.lr)")
+    if not isinstance(spec, Mapping):
+        return (f"{where} must be a mapping like {{type: loguniform, low: 1.0e-5, "
+                f"high: 1.0e-4}}, got {spec!r}")
+    if spec.get("type") not in DISTRIBUTIONS:
+        return (f"{where}: unknown distribution type {spec.get('type')!r} "
+                f"(choose one of: {', '.join(DISTRIBUTIONS)})")
+    return None
+
+
+def _range_problem(kind: str, low: Any, high: Any, where: str) -> str | None:
+    if not (_is_number(low) and _is_number(high)):
+        return f"{where}: low and high must be numbers, got low={low!r} high={high!r}"
+    if low > high:
+        return f"{where}: inverted range low={low!r} > high={high!r}; swap them"
+    if low == high:
+        return (f"{where}: empty range low = high = {low!r}; widen it, or use "
+                f"{{type: choice, values: [{low!r}]}} for a constant")
+    if kind == "loguniform" and low <= 0:
+        return (f"{where}: loguniform needs low > 0, got low={low!r}; "
+                "use uniform for ranges that include 0")
+    return None
+
+
+def _entry_problems(cfg: Config, key: Any, spec: Any) -> list[str]:
+    """Every problem of one tune.space entry (the first structural one stops the checks)."""
+    where = f"tune.space.{key}"
+    problem = _key_problem(key, spec, where)
+    if problem:
+        return [problem]
+    kind = spec["type"]
+    fields = DISTRIBUTIONS[kind]
+    extra = sorted(set(spec) - {"type", *fields})
+    missing = [f for f in fields if f not in spec]
+    problems = []
+    if extra:
+        problems.append(f"{where}: unknown field(s) {', '.join(extra)} for type {kind} "
+                        f"(allowed: {', '.join(fields)})")
+    if missing:
+        return [*problems, f"{where}: type {kind} needs {', '.join(missing)}"]
+    if kind in ("loguniform", "uniform"):
+        problem = _range_problem(kind, spec["low"], spec["high"], where)
+        samples = [spec["low"], spec["high"]]
+    else:
+        samples = spec["values"]
+        problem = (None if isinstance(samples, list) and samples else
+                   f"{where}: {kind} needs a non-empty list of values, got {samples!r}")
+    if problem:
+        return [*problems, problem]
+    for value in samples:
+        try:
+            apply_overrides(cfg, {key: value})
+        except ConfigError as exc:
+            return [*problems, *(f"{where}: {p}" for p in exc.problems)]
+    return problems
+
+
 def space_problems(cfg: Config) -> list[str]:
     """Every problem of tune.space: unknown keys/distributions, empty or inverted ranges, bad values."""
-    problems: list[str] = []
-    space = cfg.tune.space
-    if not space:
+    if not cfg.tune.space:
         return ["tune.space is empty; give at least one key, e.g. "
                 "train.lr: {type: loguniform, low: 1.0e-5, high: 1.0e-4}"]
-    for key, spec in space.items():
-        where = f"tune.space.{key}"
-        if str(key) in SET_PER_TRIAL:
-            problems.append(f"{where}: {key} is set by each trial and cannot be searched")
-            continue
-        if str(key).split(".")[0] not in TUNABLE_SECTIONS or "." not in str(key):
-            problems.append(f"{where}: only keys of the sections {', '.join(TUNABLE_SECTIONS)} can be "
-                            "searched, written section.key (e.g. train.lr)")
-            continue
-        if not isinstance(spec, Mapping):
-            problems.append(f"{where} must be a mapping like {{type: loguniform, low: 1.0e-5, "
-                            f"high: 1.0e-4}}, got {spec!r}")
-            continue
-        kind = spec.get("type")
-        if kind not in DISTRIBUTIONS:
-            problems.append(f"{where}: unknown distribution type {kind!r} "
-                            f"(choose one of: {', '.join(DISTRIBUTIONS)})")
-            continue
-        fields = DISTRIBUTIONS[kind]
-        extra = sorted(set(spec) - {"type", *fields})
-        missing = [f for f in fields if f not in spec]
-        if extra:
-            problems.append(f"{where}: unknown field(s) {', '.join(extra)} for type {kind} "
-                            f"(allowed: {', '.join(fields)})")
-        if missing:
-            problems.append(f"{where}: type {kind} needs {', '.join(missing)}")
-            continue
-        if kind in ("loguniform", "uniform"):
-            low, high = spec["low"], spec["high"]
-            if not (_is_number(low) and _is_number(high)):
-                problems.append(f"{where}: low and high must be numbers, got low={low!r} high={high!r}")
-                continue
-            if low > high:
-                problems.append(f"{where}: inverted range low={low!r} > high={high!r}; swap them")
-                continue
-            if low == high:
-                problems.append(f"{where}: empty range low = high = {low!r}; widen it, or use "
-                                f"{{type: choice, values: [{low!r}]}} for a constant")
-                continue
-            if kind == "loguniform" and low <= 0:
-                problems.append(f"{where}: loguniform needs low > 0, got low={low!r}; "
-                                "use uniform for ranges that include 0")
-                continue
-            samples = [low, high]
-        else:
-            values = spec["values"]
-            if not isinstance(values, list) or not values:
-                problems.append(f"{where}: {kind} needs a non-empty list of values, got {values!r}")
-                continue
-            samples = values
-        for value in samples:
-            try:
-                apply_overrides(cfg, {key: value})
-            except ConfigError as exc:
-                problems.extend(f"{where}: {p}" for p in exc.problems)
-                break
-    return problems
+    return [p for key, spec in cfg.tune.space.items() for p in _entry_problems(cfg, key, spec)]
 
 
 def search_problems(cfg: Config) -> list[str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -10,15 +9,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from distilray.cli import main
 from distilray.config import load_config
-from distilray.distill import (
-    LOGITS_CACHE_DIR,
-    REPORT_FILE,
-    REPORT_JSON,
-    distill_main,
-    run_distillation,
-)
-from distilray.train import read_metrics, run_training
+from distilray.distill.objective import run_distillation
+from distilray.distill.report import REPORT_FILE, REPORT_JSON
+from distilray.distill.teacher import LOGITS_CACHE_DIR
+from distilray.train.objective import Classification
+from distilray.train.run import read_metrics, run_training
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[2]
@@ -37,25 +34,31 @@ def tiny_teacher(ray_4_cpus, tmp_path_factory) -> str:
         "data.synthetic_size=1200", "data.max_length=64", "train.lr=1e-3", "train.epochs=3",
         "train.scheduler=constant",
         f"train.storage_path={storage}", "train.name=teacher", "train.max_failures=0",
-        "train.log_every_steps=100"]))
+        "train.log_every_steps=100"]), Classification())
     assert result["best_metrics"]["eval_accuracy"] >= 0.75, result["best_metrics"]
     return result["best_checkpoint"]
 
 
 def student_cfg(tmp_path, teacher, name, *extra):
+    return load_config(None, student_overrides(tmp_path, teacher, name, *extra))
+
+
+def student_overrides(tmp_path, teacher, name, *extra) -> list[str]:
     # model.name is left at its default: distillation tokenises with the teacher's vocabulary.
-    return load_config(None, [
+    return [
         f"distill.teacher={teacher}", "distill.student=layers:1", "distill.alpha=0.7",
         "distill.temperature=2.0", "model.dropout=0.0", "data.dataset=synthetic:sentiment",
         "data.synthetic_size=600", "data.max_length=64", "train.lr=1e-3", "train.epochs=1",
         f"train.storage_path={tmp_path}", f"train.name={name}", "train.log_every_steps=1",
-        "train.max_failures=0", *extra])
+        "train.max_failures=0", *extra]
 
 
 def test_both_teacher_logit_modes_train_the_same_student(tiny_teacher, tmp_path, capsys):
     # on_the_fly, 1 worker × 16, through the CLI's entry point (trains, then writes the report)
-    args = argparse.Namespace(teacher=tiny_teacher, student="layers:1", workers=1, name="fly")
-    assert distill_main(student_cfg(tmp_path, "unused", "unused", "train.batch_size=16"), args) == 0
+    sets = student_overrides(tmp_path, "unused", "unused", "train.batch_size=16")
+    argv = ["distill", "--teacher", tiny_teacher, "--student", "layers:1", "--workers", "1",
+            "--name", "fly", *(arg for value in sets for arg in ("--set", value))]
+    assert main(argv) == 0
     fly_dir = tmp_path / "fly"
     assert "| student | 1 |" in capsys.readouterr().out
 
@@ -154,7 +157,7 @@ def test_sst2_student_keeps_97_percent_and_is_faster(sst2_checkpoint, sst2_dir, 
     keeps this test to one student run inside CI's time budget.
     """
     from distilray.data import load_splits
-    from distilray.distill import measure_checkpoints, render_report, retention
+    from distilray.distill.report import measure_checkpoints, render_report, retention
 
     cfg = load_config(REPO / "configs" / "distill.yaml", [
         f"distill.teacher={sst2_checkpoint}", "distill.student=layers:3", f"data.dataset={sst2_dir}",

@@ -15,7 +15,8 @@ import pytest
 
 from distilray.config import load_config
 from distilray.errors import ClusterError, ConfigError, ModelError
-from distilray.train import read_metrics, run_training
+from distilray.train.objective import Classification
+from distilray.train.run import read_metrics, run_training
 
 pytestmark = pytest.mark.ray
 
@@ -42,8 +43,10 @@ def test_sst2_two_workers_reach_85_percent(sst2_run):
 
 
 def test_ddp_2x8_matches_1x16_and_counts_eval_once(ray_4_cpus, tmp_path):
-    one = run_training(tiny_cfg(tmp_path, "one", "train.num_workers=1", "train.batch_size=16"))
-    two = run_training(tiny_cfg(tmp_path, "two", "train.num_workers=2", "train.batch_size=8"))
+    one = run_training(tiny_cfg(tmp_path, "one", "train.num_workers=1", "train.batch_size=16"),
+                       Classification())
+    two = run_training(tiny_cfg(tmp_path, "two", "train.num_workers=2", "train.batch_size=8"),
+                       Classification())
     loss1 = [r["loss"] for r in train_records(one["run_dir"])]
     loss2 = [r["loss"] for r in train_records(two["run_dir"])]
     assert len(loss1) == len(loss2) == 540 // 16
@@ -57,7 +60,7 @@ def test_every_checkpoint_loads_with_transformers_pipeline(ray_4_cpus, tmp_path)
     from transformers import pipeline
 
     result = run_training(tiny_cfg(tmp_path, "ckpt", "train.epochs=2", "train.eval_every_steps=10",
-                                   "train.num_to_keep=10"))
+                                   "train.num_to_keep=10"), Classification())
     checkpoints = sorted(Path(result["run_dir"]).glob("checkpoint-step*"))
     assert [c.name for c in checkpoints] == [f"checkpoint-step{s:07d}" for s in (10, 20, 30, 33, 40, 50, 60, 66)]
     for ckpt in checkpoints:
@@ -73,9 +76,10 @@ def test_every_checkpoint_loads_with_transformers_pipeline(ray_4_cpus, tmp_path)
 def test_bf16_autocast_on_cpu_trains_and_saves_fp32_weights(ray_4_cpus, tmp_path):
     from safetensors.torch import load_file
 
-    fp32 = run_training(tiny_cfg(tmp_path, "fp32", "train.max_steps=6", "train.batch_size=16"))
+    fp32 = run_training(tiny_cfg(tmp_path, "fp32", "train.max_steps=6", "train.batch_size=16"),
+                        Classification())
     bf16 = run_training(tiny_cfg(tmp_path, "bf16", "train.max_steps=6", "train.batch_size=16",
-                                 "train.mixed_precision=bf16"))
+                                 "train.mixed_precision=bf16"), Classification())
     loss32 = [r["loss"] for r in train_records(fp32["run_dir"])]
     loss16 = [r["loss"] for r in train_records(bf16["run_dir"])]
     assert len(loss32) == len(loss16) == 6
@@ -90,7 +94,8 @@ def test_killed_worker_restarts_from_latest_checkpoint(ray_4_cpus, tmp_path):
                    "train.eval_every_steps=8", "train.max_failures=2")
     run_dir = tmp_path / "kill"
     outcome: dict = {}
-    thread = threading.Thread(target=lambda: outcome.update(run_training(cfg)), daemon=True)
+    thread = threading.Thread(target=lambda: outcome.update(run_training(cfg, Classification())),
+                              daemon=True)
     thread.start()
     deadline = time.time() + 240
     snapshot = run_dir / "checkpoint_manager_snapshot.json"
@@ -164,13 +169,13 @@ def test_killed_driver_rerun_with_same_name_resumes(ray_4_cpus, tmp_path):
 def test_impossible_jobs_fail_fast_with_one_clear_message(ray_4_cpus, tmp_path):
     with pytest.raises(ClusterError, match=r"train.num_workers=4 × train.cpus_per_worker=1.0 needs 4 CPUs "
                                            r"\(\+1 for Ray Data tokenisation\) but the cluster has 4"):
-        run_training(tiny_cfg(tmp_path, "big", "train.num_workers=4"))
+        run_training(tiny_cfg(tmp_path, "big", "train.num_workers=4"), Classification())
     with pytest.raises(ClusterError, match=r"train.use_gpu=true needs 1 GPUs .* the cluster has 0"):
-        run_training(tiny_cfg(tmp_path, "gpu", "train.use_gpu=true"))
+        run_training(tiny_cfg(tmp_path, "gpu", "train.use_gpu=true"), Classification())
     with pytest.raises(ConfigError, match=r"train.storage_path='/proc/distilray' is not writable"):
-        run_training(tiny_cfg(tmp_path, "ro", "train.storage_path=/proc/distilray"))
+        run_training(tiny_cfg(tmp_path, "ro", "train.storage_path=/proc/distilray"), Classification())
     with pytest.raises(ModelError, match=r"cannot load model 'nobody/no-such-model'"):
-        run_training(tiny_cfg(tmp_path, "nomodel", "model.name=nobody/no-such-model"))
+        run_training(tiny_cfg(tmp_path, "nomodel", "model.name=nobody/no-such-model"), Classification())
     out = subprocess.run([sys.executable, "-m", "distilray", "train", "--set", "model.name=tiny",
                           "--set", "data.dataset=/nonexistent/data.parquet"],
                          capture_output=True, text=True, timeout=120)

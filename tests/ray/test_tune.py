@@ -22,7 +22,8 @@ from ray.util.placement_group import PlacementGroup, placement_group_table
 
 from distilray.config import load_config
 from distilray.errors import ClusterError
-from distilray.train import REPORTED_METRICS, read_metrics
+from distilray.metrics import REPORTED_METRICS
+from distilray.train.run import read_metrics
 from distilray.tune.search import run_placement_groups, run_tune
 from distilray.tune.summary import load_experiment_summary
 

@@ -12,20 +12,15 @@ import torch
 from distilray.checkpoints import checkpoint_size
 from distilray.cli import main
 from distilray.config import load_config
-from distilray.distill import (
-    ModelScore,
+from distilray.distill.objective import check_distill_config, distill_step_loss
+from distilray.distill.report import ModelScore, measure_checkpoints, render_report, retention
+from distilray.distill.student import (
     build_student,
-    check_distill_config,
-    distill_step_loss,
     init_student_from_teacher,
-    load_teacher,
-    measure_checkpoints,
     parse_student,
-    render_report,
-    resolve_teacher_dir,
-    retention,
     student_layer_map,
 )
+from distilray.distill.teacher import load_teacher, resolve_teacher_dir
 from distilray.errors import CheckpointError, ConfigError, ModelError
 from distilray.files import write_parquet_atomic
 from distilray.losses import distillation_loss
@@ -95,7 +90,7 @@ def test_parse_student():
 def test_layers_k_student_copies_exactly_the_intended_teacher_layers(teacher_dir):
     cfg = distill_cfg(teacher_dir, "distill.student=layers:3")
     teacher = load_teacher(cfg).state_dict()
-    student = build_student(cfg)
+    student = build_student(cfg, load_teacher(cfg))
     assert student.config.n_layers == 3 and student.training
     state = student.state_dict()
     per_layer = len([k for k in teacher if ".layer.0." in k])
@@ -118,7 +113,7 @@ def test_layers_k_student_copies_exactly_the_intended_teacher_layers(teacher_dir
 
 def test_full_depth_student_reproduces_the_teacher_logits(teacher_dir):
     cfg = distill_cfg(teacher_dir, "distill.student=layers:6")
-    teacher, student = load_teacher(cfg), build_student(cfg).eval()
+    teacher, student = load_teacher(cfg), build_student(cfg, load_teacher(cfg)).eval()
     ids = torch.tensor([[101, 2023, 3185, 2001, 2307, 102, 0, 0]])
     mask = (ids != 0).long()
     with torch.inference_mode():
@@ -132,7 +127,7 @@ def test_init_student_rejects_non_distilbert_weights():
 
 
 def test_named_student_from_the_resolver(teacher_dir):
-    student = build_student(distill_cfg(teacher_dir, "distill.student=tiny", "model.dropout=0.0"))
+    student = build_student(distill_cfg(teacher_dir, "distill.student=tiny", "model.dropout=0.0"), None)
     assert student.config.n_layers == 2 and student.config.dim == 64
     assert student.config.id2label == {0: "negative", 1: "positive"}
     assert all(m.p == 0.0 for m in student.modules() if isinstance(m, torch.nn.Dropout))
@@ -268,7 +263,7 @@ def test_on_the_fly_step_loss_uses_the_frozen_teacher_and_cosine(teacher_dir):
                       "distill.cosine_weight=0.5")
     teacher = load_teacher(cfg)
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
-    student = build_student(cfg)
+    student = build_student(cfg, load_teacher(cfg))
     ids = torch.tensor([[101, 2023, 3185, 102, 0], [101, 2307, 2143, 2001, 102]])
     batch = {"input_ids": ids, "attention_mask": (ids != 0).long(), "labels": torch.tensor([0, 1])}
     student.eval()  # same weights, no dropout: student == teacher
@@ -296,7 +291,7 @@ def test_on_the_fly_step_loss_uses_the_frozen_teacher_and_cosine(teacher_dir):
 def test_measure_checkpoints_compares_teacher_and_student(tmp_path, teacher_dir):
     cfg = distill_cfg(teacher_dir, "distill.student=layers:2")
     student_dir = tmp_path / "student"
-    build_student(cfg).save_pretrained(student_dir)
+    build_student(cfg, load_teacher(cfg)).save_pretrained(student_dir)
     tokenizer_of(teacher_dir).save_pretrained(student_dir)
     texts = ["a wonderful film", "dull and long", "the cast was superb", "boring"] * 4
     labels = [1, 0, 1, 0] * 4

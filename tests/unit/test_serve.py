@@ -469,7 +469,7 @@ def test_texts_in_flight_policy_scales_on_reported_texts():
     from ray.serve.config import AutoscalingConfig
 
     from distilray.serve import texts_in_flight_policy
-    from distilray.serve.app import TEXTS_IN_FLIGHT
+    from distilray.serve.schema import TEXTS_IN_FLIGHT
 
     config = AutoscalingConfig(min_replicas=1, max_replicas=4, target_ongoing_requests=8)
 

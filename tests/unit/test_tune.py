@@ -11,7 +11,7 @@ import pytest
 
 from distilray.config import apply_overrides, load_config
 from distilray.errors import ConfigError
-from distilray.train import REPORTED_METRICS
+from distilray.metrics import REPORTED_METRICS
 from distilray.tune.experiment import (
     BEST_DIR,
     BEST_FILE,

@@ -1,12 +1,11 @@
-"""Pure training pieces (no Ray): data schedule, optimizer, schedule, collate, eval counts.
+"""Step arithmetic, the per-worker row layout, optimizer and schedule (pure: no Ray).
 
-`train.py` wires these into Ray Train; tests exercise them directly on CPU.
+`train/run.py` and `train/loop.py` wire these into Ray Train; tests exercise them on CPU.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -14,8 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from distilray.data import bucket_order, pad_batch
-from distilray.metrics import confusion_counts
+from distilray.data import bucket_order
 
 if TYPE_CHECKING:
     import torch
@@ -122,44 +120,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, total_steps: in
         return max(0.0, 1.0 - progress)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-class PadCollate:
-    """Ray Data batch (ragged `input_ids`, `label`) → padded torch tensors."""
-
-    def __init__(self, pad_id: int, padding: str, max_length: int, multiple_of: int):
-        self.pad_id, self.padding, self.max_length, self.multiple_of = pad_id, padding, max_length, multiple_of
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        import torch
-
-        input_ids, mask = pad_batch(list(batch["input_ids"]), self.pad_id, self.padding,
-                                    self.max_length, self.multiple_of)
-        out = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask),
-               "labels": torch.tensor(np.asarray(batch["label"]), dtype=torch.long)}
-        if "teacher_logits" in batch:
-            out["teacher_logits"] = torch.as_tensor(np.stack(list(batch["teacher_logits"])).astype(np.float32))
-        return out
-
-
-def eval_counts(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]], num_labels: int,
-                device: torch.device) -> tuple[np.ndarray, float]:
-    """(confusion counts, summed loss) over batches; sums add up across workers."""
-    import torch
-    import torch.nn.functional as F
-
-    model.eval()
-    cm = np.zeros((num_labels, num_labels), dtype=np.int64)
-    loss_sum = 0.0
-    with torch.inference_mode():
-        for batch in batches:
-            labels = batch["labels"].to(device)
-            logits = model(input_ids=batch["input_ids"].to(device),
-                           attention_mask=batch["attention_mask"].to(device)).logits.float()
-            loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-            cm += confusion_counts(logits.argmax(-1).cpu().numpy(), labels.cpu().numpy(), num_labels)
-    model.train()
-    return cm, loss_sum
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:

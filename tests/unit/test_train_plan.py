@@ -1,12 +1,12 @@
-"""Pure training pieces: step arithmetic, per-worker data layout, optimizer groups, schedule."""
+"""Training pieces on CPU: step arithmetic, per-worker data layout, optimizer groups, schedule, collate."""
 
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
 
-from distilray.engine import (
-    PadCollate,
+from distilray.train.batches import PadCollate
+from distilray.train.plan import (
     arrange_for_workers,
     build_optimizer,
     build_scheduler,

@@ -1,0 +1,157 @@
+"""The teacher: where it is, the frozen model, and its logits for every training row.
+
+With `distill.teacher_logits=precomputed` the logits are computed once by Ray Data batch
+inference (`TeacherLogits` actors), cached as parquet under `<storage>/.teacher-logits/`, and
+carried with the training rows; with `on_the_fly` each worker runs `load_teacher`'s model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import ray.data
+
+from distilray.checkpoints import WEIGHT_FILES, resolve_checkpoint_dir
+from distilray.config import Config
+from distilray.errors import CheckpointError
+from distilray.files import is_uri, sha256_file, write_parquet_atomic
+from distilray.runtime import quiet_ray_data
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from distilray.train.run import PreparedRun
+
+log = logging.getLogger(__name__)
+
+LOGITS_CACHE_DIR = ".teacher-logits"
+
+
+def resolve_teacher_dir(teacher: str) -> Path:
+    """A checkpoint directory, or a `distilray train` run directory (its best checkpoint)."""
+    path = Path(teacher).expanduser()
+    if not path.is_dir():
+        raise CheckpointError(f"distill.teacher={teacher!r}: no such directory; pass --teacher with a "
+                              "checkpoint written by distilray train (e.g. RUN_DIR/checkpoint-step…)")
+    path = resolve_checkpoint_dir(path)
+    if not (path / "config.json").exists():
+        raise CheckpointError(f"distill.teacher={teacher!r} has no config.json: not a Hugging Face "
+                              "checkpoint (nor a run directory with a best checkpoint in result.json)")
+    if not any((path / f).exists() for f in WEIGHT_FILES):
+        raise CheckpointError(f"distill.teacher={teacher!r} has no model.safetensors: the checkpoint "
+                              "is incomplete; point to a finished checkpoint")
+    return path.resolve()
+
+
+def teacher_config(teacher_dir: Path) -> Any:
+    """The teacher's Hugging Face config (architecture, depth, width, labels)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(teacher_dir))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read the teacher's config in {teacher_dir}: {exc}") from None
+
+
+def load_teacher(cfg: Config) -> PreTrainedModel:
+    """The frozen teacher: eval mode (no dropout), no gradients."""
+    from transformers import AutoModelForSequenceClassification
+
+    teacher_dir = resolve_teacher_dir(cfg.distill.teacher or "")
+    teacher = AutoModelForSequenceClassification.from_pretrained(str(teacher_dir))
+    teacher.eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+class TeacherLogits:
+    """Ray Data actor: tokenise a batch of texts and return the teacher's logits per row."""
+
+    def __init__(self, teacher_dir: str, max_length: int, threads: int = 1):
+        import torch
+        from transformers import AutoModelForSequenceClassification
+
+        from distilray.model import ModelSource, load_tokenizer
+
+        torch.set_num_threads(threads)
+        self.tokenizer = load_tokenizer(ModelSource(teacher_dir, "local", teacher_dir))
+        self.model = AutoModelForSequenceClassification.from_pretrained(teacher_dir).eval()
+        self.max_length = max_length
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import numpy as np
+        import torch
+
+        from distilray.data import encode_for_model
+
+        enc = encode_for_model(self.tokenizer, batch.column("text").to_pylist(), self.max_length)
+        with torch.inference_mode():
+            logits = self.model(input_ids=torch.from_numpy(enc["input_ids"]),
+                                attention_mask=torch.from_numpy(enc["attention_mask"])).logits
+        logits = logits.float().numpy().astype(np.float32)
+        return pa.table({"row": batch.column("row"),
+                         "teacher_logits": pa.array(list(logits), pa.list_(pa.float32()))})
+
+
+def logits_cache_key(teacher_dir: Path, texts: list[str], max_length: int) -> str:
+    """The teacher's weights, the texts and max_length (not the batch size: logits do not depend on it)."""
+    digest = hashlib.sha256()
+    weights = teacher_dir / "model.safetensors"
+    digest.update((sha256_file(weights) if weights.exists() else str(teacher_dir)).encode())
+    digest.update(f"|{max_length}|{len(texts)}|".encode())
+    digest.update("\x00".join(texts).encode())
+    return digest.hexdigest()[:24]
+
+
+def precompute_teacher_logits(run: PreparedRun, batch_size: int = 64) -> pa.Table:
+    """The teacher's logits for every training row (in row order), by Ray Data batch inference.
+
+    Cached as parquet under `<storage>/.teacher-logits/`, keyed by `logits_cache_key`: a
+    resumed run or a Tune trial reuses them.
+    """
+    cfg = run.cfg
+    teacher_dir = resolve_teacher_dir(cfg.distill.teacher or "")
+    texts = run.splits.train.column("text").to_pylist()
+    cache = None
+    if not is_uri(run.storage):
+        key = logits_cache_key(teacher_dir, texts, cfg.data.max_length)
+        cache = Path(run.storage) / LOGITS_CACHE_DIR / f"{key}.parquet"
+        if cache.exists():
+            table = pq.read_table(cache)
+            if table.num_rows == run.splits.train.num_rows:
+                log.info("teacher logits: %d rows from cache %s", table.num_rows, cache)
+                return table.select(["teacher_logits"])
+    started = time.time()
+    table = infer_teacher_logits(teacher_dir, texts, cfg, batch_size)
+    log.info("teacher logits: %d rows by %d Ray Data actors in %.1fs", table.num_rows,
+             max(1, cfg.train.num_workers), time.time() - started)
+    if cache is not None:
+        write_parquet_atomic(table, cache)
+    return table
+
+
+def infer_teacher_logits(teacher_dir: Path, texts: list[str], cfg: Config, batch_size: int) -> pa.Table:
+    """One `teacher_logits` row per text, in the texts' order, from an actor pool of teachers."""
+    quiet_ray_data()
+    # Longest first, so each batch pads little and the slowest batches start early; `row`
+    # restores the training order afterwards.
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    rows = pa.table({"row": pa.array(order, pa.int64()),
+                     "text": pa.array([texts[i] for i in order], pa.string())})
+    ds = ray.data.from_arrow(rows).map_batches(
+        TeacherLogits, batch_format="pyarrow", batch_size=batch_size,
+        fn_constructor_kwargs={"teacher_dir": str(teacher_dir), "max_length": cfg.data.max_length,
+                               "threads": max(1, int(cfg.train.cpus_per_worker))},
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cfg.train.num_workers)),
+        num_cpus=cfg.train.cpus_per_worker)
+    out = pa.concat_tables(ray.get(ds.to_arrow_refs())).sort_by("row")
+    if out.num_rows != len(texts) or out.column("row").to_pylist() != list(range(len(texts))):
+        raise AssertionError("teacher inference lost or duplicated rows")
+    return out.select(["teacher_logits"])
