@@ -160,6 +160,18 @@ def hub_dataset_name(spec: str) -> tuple[str, str | None]:
     return spec, None
 
 
+GLUE_TEXT_COLUMNS = {"sst2": "sentence", "cola": "sentence"}
+"""GLUE's single-sentence tasks name their text column `sentence` (as in transformers' run_glue)."""
+
+
+def hub_text_column(cfg: DataConfig, columns: Sequence[str]) -> str:
+    """data.text_column, or GLUE's own name for it when the default `text` is absent."""
+    name, subset = hub_dataset_name(cfg.dataset)
+    if cfg.text_column not in columns and cfg.text_column == "text" and name == "glue":
+        return GLUE_TEXT_COLUMNS.get(subset or "", cfg.text_column)
+    return cfg.text_column
+
+
 def _load_hub(cfg: DataConfig) -> tuple[dict[str, tuple[str, pa.Table]], str]:
     import datasets
 
@@ -196,6 +208,7 @@ def load_splits(cfg: DataConfig, num_labels: int) -> Splits:
         path = Path(cfg.dataset).expanduser()
         if path.exists():
             raw, source = _load_local(cfg, path)
+            text_col = cfg.text_column
         elif cfg.dataset.startswith(("/", "./", "../", "~")) or Path(cfg.dataset).suffix in FILE_FORMATS:
             where = "" if path.is_absolute() else (
                 f" (a relative path is read from the working directory: looked for {path.resolve()}; "
@@ -203,7 +216,8 @@ def load_splits(cfg: DataConfig, num_labels: int) -> Splits:
             raise DataError(f"{cfg.dataset}: no such file or directory{where}")
         else:
             raw, source = _load_hub(cfg)
-        text_col, label_col = cfg.text_column, cfg.label_column
+            text_col = hub_text_column(cfg, raw[cfg.train_split][1].column_names)
+        label_col = cfg.label_column
 
     where, train = raw[cfg.train_split]
     train = validate_table(train, where, text_col, label_col, num_labels)

@@ -127,13 +127,17 @@ def resolve_storage(path: str) -> str:
 
 
 def check_storage_writable(storage: str, key: str = "train.storage_path") -> None:
-    """Fail before any work when checkpoints could not be written."""
+    """Fail before any work when checkpoints could not be written (creating nothing: a dry run
+    leaves no directory behind)."""
     if is_uri(storage):
         return
-    path = Path(storage)
+    existing = Path(storage)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".distilray-write-test-{os.getpid()}"
+        if not existing.is_dir():
+            raise NotADirectoryError(20, "Not a directory")
+        probe = existing / f".distilray-write-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as exc:

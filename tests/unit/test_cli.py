@@ -85,3 +85,16 @@ def test_a_failed_run_exits_1_and_a_bad_input_exits_2(capsys):
     err = capsys.readouterr().err.splitlines()
     assert err == ["distilray report: error: training run 'x' failed: worker died",
                    "distilray report: error: train.parquet: no column 'text'"]
+
+
+def test_dry_runs_check_everything_and_leave_nothing_behind(tmp_path, capsys):
+    storage = tmp_path / "runs"
+    assert main(["train", "--config", str(REPO / "configs" / "tiny.yaml"), "--dry-run",
+                 "--storage-path", str(storage), "--name", "dry"]) == 0
+    assert capsys.readouterr().out.startswith("dry run OK: run 'dry', ")
+    assert main(["tune", "--config", str(REPO / "configs" / "tiny.yaml"), "--set",
+                 "tune.space={train.lr: {type: choice, values: [0.001, 0.01]}}", "--dry-run",
+                 "--storage-path", str(storage), "--name", "dry-search"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("dry run OK: experiment 'dry-search', ") and f"under {storage}/dry-search" in out
+    assert not storage.exists(), list(storage.rglob("*"))

@@ -1,6 +1,7 @@
 """Data loading, validation messages, the synthetic corpus and dynamic padding."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -150,3 +151,25 @@ def test_bucketing_reduces_padding_and_keeps_every_row():
     fixed = padding_stats(lengths, 16, "max_length", 128, 8)
     assert fixed["padded_tokens"] > plain["padded_tokens"] > bucketed["padded_tokens"]
     assert plain["real_tokens"] == bucketed["real_tokens"] == fixed["real_tokens"]
+
+
+def test_glue_sst2_reads_its_sentence_column_and_local_files_their_text_column():
+    from distilray.data import hub_text_column
+
+    assert hub_text_column(DataConfig(dataset="glue/sst2"), ["idx", "sentence", "label"]) == "sentence"
+    assert hub_text_column(DataConfig(dataset="imdb"), ["text", "label"]) == "text"
+    # an explicit data.text_column always wins
+    assert hub_text_column(DataConfig(dataset="glue/sst2", text_column="x"), ["sentence"]) == "x"
+
+
+def test_presets_name_dataset_sources_a_plain_clone_has():
+    """configs/ and tune/ name Hub datasets or synthetic data, never a path outside the repo."""
+    import yaml
+
+    repo = Path(__file__).resolve().parents[2]
+    for preset in sorted([*repo.glob("configs/*.yaml"), *repo.glob("tune/*.yaml"),
+                          *repo.glob("distilray/presets/*.yaml")]):
+        dataset = (yaml.safe_load(preset.read_text()).get("data") or {}).get("dataset")
+        if dataset is None:
+            continue
+        assert dataset in ("glue/sst2", "imdb") or dataset.startswith("synthetic:"), (preset, dataset)
