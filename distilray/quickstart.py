@@ -1,4 +1,8 @@
-"""`distilray quickstart`: train → search → serve → classify, offline, on the demo corpus."""
+"""`distilray quickstart`: train → search → serve → classify, offline, on the demo corpus.
+
+A demo program (like nanoGPT's sample.py), so it prints its own results table; `cli` imports
+this module only when the quickstart runs.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,15 @@ import logging
 import time
 from importlib import resources
 
+import ray
+
+from distilray.client import classify
 from distilray.config import Config, apply_overrides, load_config
+from distilray.distill.objective import objective_for
+from distilray.runtime import connect_ray
+from distilray.serve.lifecycle import serve_until_interrupted, shutdown_server, start_server
+from distilray.train.run import run_training
+from distilray.tune.search import run_tune
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +45,6 @@ def _banner(step: int, text: str, started: float) -> None:
 
 def run_quickstart(cfg: Config | None = None, keep_serving: bool = False) -> dict:
     """Fine-tune with Ray Train, search lr with Ray Tune (ASHA), serve the best, classify."""
-    from distilray.client import classify
-    from distilray.distill.objective import objective_for
-    from distilray.runtime import connect_ray
-    from distilray.serve.lifecycle import serve_until_interrupted, shutdown_server, start_server
-    from distilray.train.run import run_training
-    from distilray.tune.search import run_tune
-
     cfg = cfg or default_config()
     started = time.time()
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -82,7 +87,5 @@ def run_quickstart(cfg: Config | None = None, keep_serving: bool = False) -> dic
         pass
     finally:
         shutdown_server(cfg)
-        import ray
-
         ray.shutdown()
     return {"train": trained, "tune": searched, "url": url, "predictions": predictions}
