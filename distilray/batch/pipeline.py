@@ -97,10 +97,10 @@ class ModelActor:
     def __call__(self, batch: pa.Table) -> pa.Table:
         ok = [i for i, e in enumerate(batch.column(ERROR_COLUMN).to_pylist()) if e is None]
         ids = batch.column(IDS_COLUMN).to_pylist()
-        probs = np.zeros((batch.num_rows, len(self.labels)), dtype=np.float32)
+        logits = np.zeros((batch.num_rows, len(self.labels)), dtype=np.float32)
         if ok:
-            probs[ok] = softmax(self.predictor.logits_for_ids([ids[i] for i in ok]))
-        return prediction_columns(batch, probs, ok, self.labels, self.node)
+            logits[ok] = self.predictor.logits_for_ids([ids[i] for i in ok])
+        return prediction_columns(batch, logits, ok, self.labels, self.node)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -108,9 +108,10 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=1, keepdims=True)
 
 
-def prediction_columns(batch: pa.Table, probs: np.ndarray, ok: list[int], labels: list[str],
+def prediction_columns(batch: pa.Table, logits: np.ndarray, ok: list[int], labels: list[str],
                        node: str) -> pa.Table:
-    """label / score / probabilities for the rows in `ok`, nulls for the rows in error."""
+    """label / score / probabilities / logits for the rows in `ok`, nulls for the rows in error."""
+    probs = softmax(logits) if len(logits) else logits
     n = batch.num_rows
     label: list[str | None] = [None] * n
     score: list[float | None] = [None] * n
@@ -122,6 +123,8 @@ def prediction_columns(batch: pa.Table, probs: np.ndarray, ok: list[int], labels
         FILE_COLUMN: batch.column(FILE_COLUMN), ROW_COLUMN: batch.column(ROW_COLUMN),
         "label": pa.array(label, pa.string()), "score": pa.array(score, pa.float32()),
         "probabilities": pa.array(prob_rows, pa.list_(pa.float32())),
+        "logits": pa.array([None if r is None else logits[i].tolist() for i, r in enumerate(prob_rows)],
+                           pa.list_(pa.float32())),
         ERROR_COLUMN: batch.column(ERROR_COLUMN), TOKENS_COLUMN: batch.column(TOKENS_COLUMN),
         NODE_COLUMN: pa.array([node] * n, pa.string())})
 
@@ -142,8 +145,12 @@ def ordered_results(ds: ray.data.Dataset) -> Iterator[pa.Table]:
     """The dataset's batches in input order (Ray Data otherwise yields them as they finish)."""
     quiet_ray_data()
     ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
-    yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)
+    before = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True  # this process's other datasets keep theirs
+    try:
+        yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)
+    finally:
+        ctx.execution_options.preserve_order = before
 
 
 class Progress:

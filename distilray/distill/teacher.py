@@ -1,7 +1,7 @@
 """The teacher: where it is, the frozen model, and its logits for every training row.
 
-With `distill.teacher_logits=precomputed` the logits are computed once by Ray Data batch
-inference (`TeacherLogits` actors), cached as parquet under `<storage>/.teacher-logits/`, and
+With `distill.teacher_logits=precomputed` the logits are computed once by the batch-inference
+pipeline of `distilray predict` (Ray Data tokenise tasks and model actors), cached as parquet under `<storage>/.teacher-logits/`, and
 carried with the training rows; with `on_the_fly` each worker runs `load_teacher`'s model.
 """
 
@@ -15,14 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import ray
 import ray.data
 
+from distilray.batch.pipeline import ModelSpec, infer, inference_columns, ordered_results
 from distilray.checkpoints import WEIGHT_FILES, resolve_checkpoint_dir
 from distilray.config import Config
-from distilray.errors import CheckpointError
+from distilray.errors import CheckpointError, RunFailed
 from distilray.files import is_uri, sha256_file, write_parquet_atomic
-from distilray.runtime import quiet_ray_data
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -71,35 +70,6 @@ def load_teacher(cfg: Config) -> PreTrainedModel:
     return teacher
 
 
-class TeacherLogits:
-    """Ray Data actor: tokenise a batch of texts and return the teacher's logits per row."""
-
-    def __init__(self, teacher_dir: str, max_length: int, threads: int = 1):
-        import torch
-        from transformers import AutoModelForSequenceClassification
-
-        from distilray.model import ModelSource, load_tokenizer
-
-        torch.set_num_threads(threads)
-        self.tokenizer = load_tokenizer(ModelSource(teacher_dir, "local", teacher_dir))
-        self.model = AutoModelForSequenceClassification.from_pretrained(teacher_dir).eval()
-        self.max_length = max_length
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        import numpy as np
-        import torch
-
-        from distilray.data import encode_for_model
-
-        enc = encode_for_model(self.tokenizer, batch.column("text").to_pylist(), self.max_length)
-        with torch.inference_mode():
-            logits = self.model(input_ids=torch.from_numpy(enc["input_ids"]),
-                                attention_mask=torch.from_numpy(enc["attention_mask"])).logits
-        logits = logits.float().numpy().astype(np.float32)
-        return pa.table({"row": batch.column("row"),
-                         "teacher_logits": pa.array(list(logits), pa.list_(pa.float32()))})
-
-
 def logits_cache_key(teacher_dir: Path, texts: list[str], max_length: int) -> str:
     """The teacher's weights, the texts and max_length (not the batch size: logits do not depend on it)."""
     digest = hashlib.sha256()
@@ -138,20 +108,20 @@ def precompute_teacher_logits(run: PreparedRun, batch_size: int = 64) -> pa.Tabl
 
 
 def infer_teacher_logits(teacher_dir: Path, texts: list[str], cfg: Config, batch_size: int) -> pa.Table:
-    """One `teacher_logits` row per text, in the texts' order, from an actor pool of teachers."""
-    quiet_ray_data()
-    # Longest first, so each batch pads little and the slowest batches start early; `row`
-    # restores the training order afterwards.
-    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-    rows = pa.table({"row": pa.array(order, pa.int64()),
-                     "text": pa.array([texts[i] for i in order], pa.string())})
-    ds = ray.data.from_arrow(rows).map_batches(
-        TeacherLogits, batch_format="pyarrow", batch_size=batch_size,
-        fn_constructor_kwargs={"teacher_dir": str(teacher_dir), "max_length": cfg.data.max_length,
-                               "threads": max(1, int(cfg.train.cpus_per_worker))},
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cfg.train.num_workers)),
-        num_cpus=cfg.train.cpus_per_worker)
-    out = pa.concat_tables(ray.get(ds.to_arrow_refs())).sort_by("row")
-    if out.num_rows != len(texts) or out.column("row").to_pylist() != list(range(len(texts))):
-        raise AssertionError("teacher inference lost or duplicated rows")
-    return out.select(["teacher_logits"])
+    """One `teacher_logits` row per text, in the texts' order: the batch-inference pipeline
+    (`distilray predict`'s tokenise tasks and model actors), one actor per training worker."""
+    import dataclasses
+
+    spec = ModelSpec(str(teacher_dir), max_length=cfg.data.max_length,
+                     torch_threads=max(1, int(cfg.train.cpus_per_worker)))
+    actors = max(1, cfg.train.num_workers)
+    gpus = cfg.train.gpus_per_worker if cfg.train.use_gpu else 0.0
+    pcfg = dataclasses.replace(cfg.predict, batch_size=batch_size, min_actors=1, max_actors=actors,
+                               cpus_per_actor=cfg.train.cpus_per_worker, gpus_per_actor=gpus)
+    rows = inference_columns(0, texts, pa.array([None] * len(texts), pa.string()))
+    logits: list[list[float]] = []
+    for batch in ordered_results(infer(ray.data.from_arrow(rows), spec, pcfg)):
+        logits += batch.column("logits").to_pylist()
+    if len(logits) != len(texts):
+        raise RunFailed(f"teacher inference returned {len(logits)} logits for {len(texts)} rows")
+    return pa.table({"teacher_logits": pa.array(logits, pa.list_(pa.float32()))})
