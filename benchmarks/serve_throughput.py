@@ -229,7 +229,7 @@ def start_distilray(ckpt: Path, gpu: bool, extra: list[str], topology: str = "sp
 
     cores = cpu_count()
     if not ray.is_initialized():  # room for every variant's replicas; one is measured at a time
-        ray.init(num_cpus=(variants + 1) * cores, num_gpus=1 if gpu else 0, include_dashboard=False,
+        ray.init(address="local", num_cpus=(variants + 1) * cores, num_gpus=1 if gpu else 0, include_dashboard=False,
                  log_to_driver=False)
     cfg = load_config(None, [
         f"serve.port={PORT}", "serve.min_replicas=1", "serve.max_replicas=1",

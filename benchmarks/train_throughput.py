@@ -136,7 +136,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import ray
 
-    ray.init(num_cpus=threads + 2, log_to_driver=False)
+    ray.init(address="local", num_cpus=threads + 2, log_to_driver=False)
     rows_needed = (args.steps + args.warmup + 2) * 16
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -74,7 +74,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     import ray
 
-    ray.init(num_cpus=args.cpus, log_to_driver=False)
+    ray.init(address="local", num_cpus=args.cpus, log_to_driver=False)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     fifo = search(args, "fifo", f"bench-fifo-{stamp}")
     asha = search(args, "asha", f"bench-asha-{stamp}")
