@@ -214,65 +214,26 @@ def _print_serving(url: str) -> None:
           "application/json' -d '{\"text\": \"a great movie\"}')", flush=True)
 
 
-def _serve_head_dir() -> Path:
-    """Where `distilray serve --detach` records the Ray head it starts when RAY_ADDRESS is unset."""
-    import os
-
-    return Path(os.environ.get("DISTILRAY_SERVE_DIR", "~/.distilray/serve")).expanduser()
-
-
 def _join_serve_head(start: bool) -> Any:
-    """Point this process (RAY_ADDRESS and the token env) at the recorded serve head while it
-    lives; else clean up after a dead one, and start a new one if `start`. None if none runs.
-    Call it before importing Ray: Ray reads RAY_AUTH_MODE when it is imported.
-
-    The head is a `distilray.cluster` node: `ray start --block` in its own session, free ports,
-    a private temp dir, token auth, so it outlives this command and `--stop` stops exactly it.
-    """
+    """Point this process at the Ray head `--detach` keeps (see `cluster.serve_head`); call it
+    before importing Ray, which reads RAY_AUTH_MODE when it is imported."""
     import os
 
-    from distilray.cluster import ClusterState, cluster_down, cluster_up, node_alive
+    from distilray.cluster import serve_head, serve_head_dir
 
-    state_dir = _serve_head_dir()
-    state = ClusterState.load(state_dir)
-    if state is not None and not all(node_alive(n) for n in state.nodes):
-        cluster_down(state_dir, purge=True)  # a head that died: kill what is left of its session
-        state = None
-    if state is None and start:
-        log.info("RAY_ADDRESS is unset: starting a Ray head for `distilray serve --detach` "
-                 "(recorded in %s; `distilray serve --stop` stops it)", state_dir)
-        state = cluster_up(state_dir, [_serve_head_node()])
+    state = serve_head(serve_head_dir(), start=start)
     if state is not None:
-        os.environ.update({"RAY_ADDRESS": state.gcs_address, "RAY_AUTH_MODE": state.auth_mode})
-        if state.auth_mode == "token" and state.token_path:
-            os.environ["RAY_AUTH_TOKEN_PATH"] = state.token_path
+        os.environ.update(state.client_env())
     return state
-
-
-def _serve_head_node() -> Any:
-    """The head's resources: like `ray start --head`, every CPU and GPU of the machine."""
-    import os
-    import shutil
-    import subprocess
-
-    from distilray.cluster import NodeSpec
-
-    gpus = 0
-    if shutil.which("nvidia-smi"):
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False,
-                             timeout=30)
-        if out.returncode == 0:  # one "GPU <i>: <name> (UUID: ...)" line per device
-            gpus = sum(line.startswith("GPU ") for line in out.stdout.splitlines())
-    return NodeSpec("head", float(os.cpu_count() or 1), gpus)
 
 
 def _stop_serve_head() -> None:
     import ray
 
-    from distilray.cluster import cluster_down
+    from distilray.cluster import cluster_down, serve_head_dir
 
     ray.shutdown()  # leave the cluster before its GCS goes away
-    cluster_down(_serve_head_dir(), purge=True)
+    cluster_down(serve_head_dir(), purge=True)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ need `RAY_AUTH_MODE=token` and the same token; `up` writes `<dir>/env.sh` with b
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shlex
 import shutil
@@ -38,6 +39,8 @@ import yaml
 
 from distilray.errors import ClusterError, ConfigError
 from distilray.runtime import with_serve_high_throughput
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = "cluster.json"
 STARTUP_ATTEMPTS = 3
@@ -211,6 +214,13 @@ class ClusterState:
         (state_dir / ENV_FILE).write_text(
             "# source this file to submit jobs to the local distilray cluster\n"
             + "\n".join(client_env_lines(self)) + "\n")
+
+    def client_env(self) -> dict[str, str]:
+        """What a process sets before importing Ray to join this cluster through its GCS."""
+        env = {"RAY_ADDRESS": self.gcs_address, "RAY_AUTH_MODE": self.auth_mode}
+        if self.auth_mode == "token" and self.token_path:
+            env["RAY_AUTH_TOKEN_PATH"] = self.token_path
+        return env
 
     @classmethod
     def load(cls, state_dir: Path) -> ClusterState | None:
@@ -521,3 +531,40 @@ def submit_to_cluster(spec: Mapping[str, Any], state_dir: Path) -> dict[str, str
         auth = AuthSettings("token", state.token_path)
     submission_id = submit_job_spec(spec, address, read_token(auth, env))
     return {"submission_id": submission_id, "address": address, "auth_mode": auth.mode}
+
+
+# --------------------------------------------------------------------------- the serve head
+
+
+def serve_head_dir() -> Path:
+    """Where `distilray serve --detach` records the Ray head it starts when RAY_ADDRESS is unset."""
+    return Path(os.environ.get("DISTILRAY_SERVE_DIR", "~/.distilray/serve")).expanduser()
+
+
+def local_head_node() -> NodeSpec:
+    """A head with the machine's resources, as `ray start --head` would take: every CPU and GPU."""
+    gpus = 0
+    if shutil.which("nvidia-smi"):
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False,
+                             timeout=30)
+        if out.returncode == 0:  # one "GPU <i>: <name> (UUID: ...)" line per device
+            gpus = sum(line.startswith("GPU ") for line in out.stdout.splitlines())
+    return NodeSpec("head", float(os.cpu_count() or 1), gpus)
+
+
+def serve_head(state_dir: Path, start: bool) -> ClusterState | None:
+    """The persistent head `serve --detach` deploys on: the recorded one while it lives; after a
+    dead one, what is left of its session is stopped; a new one when `start`. None if none runs.
+
+    It is a node like `cluster up`'s: `ray start --block` in its own session, free ports, a
+    private temp dir, token auth, so it outlives the command and `--stop` stops exactly it.
+    """
+    state = ClusterState.load(state_dir)
+    if state is not None and not all(node_alive(n) for n in state.nodes):
+        cluster_down(state_dir, purge=True)
+        state = None
+    if state is None and start:
+        log.info("RAY_ADDRESS is unset: starting a Ray head for `distilray serve --detach` "
+                 "(recorded in %s; `distilray serve --stop` stops it)", state_dir)
+        state = cluster_up(state_dir, [local_head_node()])
+    return state
