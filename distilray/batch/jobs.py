@@ -33,6 +33,7 @@ from distilray.batch.pipeline import (
     TOKENS_COLUMN,
     ModelSpec,
     Progress,
+    blocks,
     infer,
     inference_columns,
     ordered_results,
@@ -207,7 +208,7 @@ def _score_table(table: pa.Table, spec: ModelSpec, cfg: Config) -> tuple[Any, An
 
     texts = table.column("text").to_pylist()
     rows = inference_columns(0, texts, pa.array([None] * len(texts), pa.string()))
-    ds = ray.data.from_arrow(rows)
+    ds = ray.data.from_arrow(blocks(rows))
     probs, lengths = [], []
     for batch in ordered_results(infer(ds, spec, cfg.predict)):
         probs += batch.column("probabilities").to_pylist()

@@ -32,6 +32,8 @@ IDS_COLUMN = "__ids"
 TOKENS_COLUMN = "__tokens"
 NODE_COLUMN = "__node"
 PROGRESS_EVERY_S = 5.0
+BLOCK_ROWS = 1024
+"""Rows per Ray Data block: small enough that the stages overlap, large enough to batch well."""
 
 
 @dataclass(frozen=True)
@@ -46,14 +48,19 @@ class ModelSpec:
     torch_threads: int = 1
 
 
-def read_files(batch: pa.Table, text_column: str, max_chars: int) -> pa.Table:
-    """Read stage: the listed files' texts, row numbers and per-row errors."""
-    out = []
+def read_files(batch: pa.Table, text_column: str, max_chars: int) -> Iterator[pa.Table]:
+    """Read stage: the listed files' texts, row numbers and per-row errors, in blocks of
+    BLOCK_ROWS rows so that tokenising and the model overlap and results stream."""
     for index, path in zip(batch.column("index").to_pylist(), batch.column("path").to_pylist(),
                            strict=True):
         table, texts = normalise_texts(*read_input(path, text_column), max_chars)
-        out.append(inference_columns(index, texts, table.column(ERROR_COLUMN)))
-    return pa.concat_tables(out)
+        yield from blocks(inference_columns(index, texts, table.column(ERROR_COLUMN)))
+
+
+def blocks(table: pa.Table, rows: int | None = None) -> list[pa.Table]:
+    """`table` in slices of at most `rows` rows (BLOCK_ROWS), at least one (possibly empty)."""
+    rows = rows or BLOCK_ROWS
+    return [table.slice(start, rows) for start in range(0, max(table.num_rows, 1), rows)]
 
 
 def inference_columns(file_index: int, texts: list[str], errors: Any) -> pa.Table:

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray.data
 
-from distilray.batch.pipeline import ModelSpec, infer, inference_columns, ordered_results
+from distilray.batch.pipeline import ModelSpec, blocks, infer, inference_columns, ordered_results
 from distilray.checkpoints import WEIGHT_FILES, resolve_checkpoint_dir
 from distilray.config import Config
 from distilray.errors import CheckpointError, RunFailed
@@ -120,7 +120,7 @@ def infer_teacher_logits(teacher_dir: Path, texts: list[str], cfg: Config, batch
                                cpus_per_actor=cfg.train.cpus_per_worker, gpus_per_actor=gpus)
     rows = inference_columns(0, texts, pa.array([None] * len(texts), pa.string()))
     logits: list[list[float]] = []
-    for batch in ordered_results(infer(ray.data.from_arrow(rows), spec, pcfg)):
+    for batch in ordered_results(infer(ray.data.from_arrow(blocks(rows)), spec, pcfg)):
         logits += batch.column("logits").to_pylist()
     if len(logits) != len(texts):
         raise RunFailed(f"teacher inference returned {len(logits)} logits for {len(texts)} rows")
