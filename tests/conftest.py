@@ -18,6 +18,21 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("DISTILRAY_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+def save_tiny_checkpoint(path: Path, run_name: str, seed: int = 1, max_length: int = 64) -> Path:
+    """A random-init `tiny` classifier saved as a distilray checkpoint (for fast serve/predict tests)."""
+    import json
+
+    from distilray.model import load_classifier, load_tokenizer, resolve_model
+
+    source = resolve_model("tiny")
+    load_classifier(source, ["negative", "positive"], seed=seed).save_pretrained(path)
+    load_tokenizer(source).save_pretrained(path)
+    (path / "distilray.json").write_text(json.dumps(
+        {"run_name": run_name, "step": 1, "epoch": 1, "metrics": {}, "model_name": "tiny",
+         "max_length": max_length, "label_names": ["negative", "positive"]}))
+    return path
+
+
 def shared_path(*parts: str) -> Path:
     path = SHARED_DATA.joinpath(*parts)
     if not path.exists():

@@ -34,6 +34,7 @@ from distilray.batch.pipeline import (
     ModelSpec,
     Progress,
     blocks,
+    check_order,
     infer,
     inference_columns,
     ordered_results,
@@ -41,7 +42,6 @@ from distilray.batch.pipeline import (
 )
 from distilray.checkpoints import check_servable, checkpoint_info, read_meta, resolve_checkpoint_dir
 from distilray.config import Config, DataConfig
-from distilray.errors import RunFailed
 from distilray.files import sha256_file, write_text_atomic
 from distilray.runtime import connect_ray
 
@@ -100,6 +100,7 @@ def predict_files(cfg: Config, checkpoint: str, input_spec: str, output: str,
     todo = [f for f in files if not shards.shard_done(out_dir, f.index, fmt, f.path, info["sha256"])]
     _connect(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
+    shards.remove_stale_temp_files(out_dir)
     progress = Progress(None)
     nodes: dict[str, int] = {}
     by_index = {f.index: f for f in todo}
@@ -209,10 +210,10 @@ def _score_table(table: pa.Table, spec: ModelSpec, cfg: Config) -> tuple[Any, An
     texts = table.column("text").to_pylist()
     rows = inference_columns(0, texts, pa.array([None] * len(texts), pa.string()))
     ds = ray.data.from_arrow(blocks(rows))
-    probs, lengths = [], []
+    probs, lengths, order = [], [], []
     for batch in ordered_results(infer(ds, spec, cfg.predict)):
         probs += batch.column("probabilities").to_pylist()
         lengths += batch.column(TOKENS_COLUMN).to_pylist()
-    if len(probs) != table.num_rows:
-        raise RunFailed(f"evaluation scored {len(probs)} of {table.num_rows} rows")
+        order += batch.column(ROW_COLUMN).to_pylist()
+    check_order(order, table.num_rows, "evaluation")
     return np.asarray(probs, dtype=np.float64), np.asarray(lengths)

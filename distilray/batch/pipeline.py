@@ -23,6 +23,7 @@ import ray.data
 from distilray.batch.inputs import ERROR_COLUMN, ROW_COLUMN, normalise_texts, read_input
 from distilray.config import PredictConfig
 from distilray.data import tokenize_texts
+from distilray.errors import RunFailed
 from distilray.runtime import quiet_ray_data
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,8 @@ TOKENS_COLUMN = "__tokens"
 NODE_COLUMN = "__node"
 PROGRESS_EVERY_S = 5.0
 BLOCK_ROWS = 1024
+ACTOR_START_TIMEOUT_S = 600
+"""How long a job waits for its minimum model actors to start before failing."""
 """Rows per Ray Data block: small enough that the stages overlap, large enough to batch well."""
 
 
@@ -149,15 +152,22 @@ def infer(ds: ray.data.Dataset, spec: ModelSpec, cfg: PredictConfig) -> ray.data
 
 
 def ordered_results(ds: ray.data.Dataset) -> Iterator[pa.Table]:
-    """The dataset's batches in input order (Ray Data otherwise yields them as they finish)."""
+    """The dataset's batches in input order (Ray Data otherwise yields them as they finish).
+
+    Set on the dataset's own context (Ray Data copies the process's context when a dataset is
+    created); the job also waits for the minimum actor pool before dispatching, so work
+    spreads over every actor and a pool the cluster can never place fails instead of hanging.
+    """
     quiet_ray_data()
-    ctx = ray.data.DataContext.get_current()
-    before = ctx.execution_options.preserve_order
-    ctx.execution_options.preserve_order = True  # this process's other datasets keep theirs
-    try:
-        yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)
-    finally:
-        ctx.execution_options.preserve_order = before
+    ds.context.execution_options.preserve_order = True
+    ds.context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
+    yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)
+
+
+def check_order(rows: list[int], expected: int, what: str) -> None:
+    """Refuse results that are not exactly rows 0..expected-1 in order."""
+    if rows != list(range(expected)):
+        raise RunFailed(f"{what}: {len(rows)} results for {expected} rows, not in input order")
 
 
 class Progress:

@@ -87,6 +87,15 @@ def read_record(output: Path, index: int, fmt: str) -> dict[str, Any]:
     return json.loads(_record_path(output / shard_name(index, fmt)).read_text())
 
 
+def remove_stale_temp_files(output: Path) -> list[Path]:
+    """Delete the temp files a killed writer of this output left (`.part-*…tmp`): one job
+    writes an output directory at a time, so none of them is being written now."""
+    stale = sorted(output.glob(".part-*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def check_output(output: Path, resume: bool) -> None:
     """Refuse to mix a new job into an old one's output unless it is a --resume."""
     if resume or not output.exists():

@@ -17,10 +17,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray.data
 
-from distilray.batch.pipeline import ModelSpec, blocks, infer, inference_columns, ordered_results
+from distilray.batch.inputs import ROW_COLUMN
+from distilray.batch.pipeline import (
+    ModelSpec,
+    blocks,
+    check_order,
+    infer,
+    inference_columns,
+    ordered_results,
+)
 from distilray.checkpoints import WEIGHT_FILES, resolve_checkpoint_dir
 from distilray.config import Config
-from distilray.errors import CheckpointError, RunFailed
+from distilray.errors import CheckpointError
 from distilray.files import is_uri, sha256_file, write_parquet_atomic
 
 if TYPE_CHECKING:
@@ -120,8 +128,9 @@ def infer_teacher_logits(teacher_dir: Path, texts: list[str], cfg: Config, batch
                                cpus_per_actor=cfg.train.cpus_per_worker, gpus_per_actor=gpus)
     rows = inference_columns(0, texts, pa.array([None] * len(texts), pa.string()))
     logits: list[list[float]] = []
+    order: list[int] = []
     for batch in ordered_results(infer(ray.data.from_arrow(blocks(rows)), spec, pcfg)):
         logits += batch.column("logits").to_pylist()
-    if len(logits) != len(texts):
-        raise RunFailed(f"teacher inference returned {len(logits)} logits for {len(texts)} rows")
+        order += batch.column(ROW_COLUMN).to_pylist()
+    check_order(order, len(texts), "teacher inference")
     return pa.table({"teacher_logits": pa.array(logits, pa.list_(pa.float32()))})

@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray.data
 
 from distilray.batch import evaluation
 from distilray.batch.jobs import evaluate_checkpoint, predict_files
@@ -21,21 +22,14 @@ from distilray.cli import main
 from distilray.config import load_config
 from distilray.data import generate_synthetic_sentiment
 from distilray.serve.predictor import Predictor
+from tests.conftest import save_tiny_checkpoint
 
 pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    from distilray.model import load_classifier, load_tokenizer, resolve_model
-
-    path = tmp_path_factory.mktemp("tiny-batch-ckpt")
-    source = resolve_model("tiny")
-    load_classifier(source, ["negative", "positive"], seed=5).save_pretrained(path)
-    load_tokenizer(source).save_pretrained(path)
-    (path / "distilray.json").write_text(json.dumps({"run_name": "batch", "step": 1,
-                                                     "max_length": 64, "label_names": ["negative", "positive"]}))
-    return path
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny-batch-ckpt"), "batch", seed=5)
 
 
 def _read_output(out: Path) -> pa.Table:
@@ -87,12 +81,13 @@ def test_a_killed_job_resumes_with_exactly_one_row_per_input(ray_4_cpus, tiny_ch
     args = [sys.executable, "-m", "distilray", "predict", "--checkpoint", str(tiny_checkpoint),
             "--input", str(inp), "--output", str(out), "--set", "predict.batch_size=16"]
     env = {**os.environ, "RAY_ADDRESS": ray_4_cpus.get_runtime_context().gcs_address}
-    driver = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "driver.log"  # a file, not a pipe: a full pipe would stall the driver
+    with open(log, "w") as sink:
+        driver = subprocess.Popen(args, env=env, start_new_session=True, stdout=sink, stderr=sink)
     deadline = time.time() + 300
     try:
         while time.time() < deadline and not list(out.glob("part-*.parquet.json")):
-            assert driver.poll() is None, driver.stderr.read()[-3000:]
+            assert driver.poll() is None, log.read_text()[-3000:]
             time.sleep(0.02)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
@@ -173,3 +168,27 @@ def test_evaluate_on_a_tiny_checkpoint_writes_both_files(ray_4_cpus, tiny_checkp
     assert f"eval_accuracy {report['eval_accuracy']:.4f}" in out
     cm = report["confusion_matrix"]["rows_true_columns_predicted"]
     assert sum(map(sum, cm)) == 50
+
+
+def test_results_keep_input_order_across_blocks_and_actors(ray_4_cpus, tiny_checkpoint):
+    """What the teacher-logit pass and evaluate rely on: row i's result is row i's, with 2
+    actors finishing blocks in any order."""
+    from distilray.batch.pipeline import (
+        ModelSpec,
+        blocks,
+        infer,
+        inference_columns,
+        ordered_results,
+    )
+
+    cfg = load_config(None, ["predict.min_actors=2", "predict.max_actors=2", "predict.batch_size=16"])
+    texts = generate_synthetic_sentiment(3000, seed=6).column("text").to_pylist()
+    rows = inference_columns(0, texts, pa.array([None] * len(texts), pa.string()))
+    spec = ModelSpec(str(tiny_checkpoint), max_length=64)
+    order, logits = [], []
+    for batch in ordered_results(infer(ray.data.from_arrow(blocks(rows, 200)), spec, cfg.predict)):
+        order += batch.column("__row").to_pylist()
+        logits += batch.column("logits").to_pylist()
+    assert order == list(range(3000))
+    reference = Predictor(str(tiny_checkpoint), max_length=64).logits(texts[::300])
+    np.testing.assert_allclose(np.asarray(logits[::300]), reference, atol=1e-5)

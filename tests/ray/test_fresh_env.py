@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests.conftest import save_tiny_checkpoint
+
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -91,16 +93,7 @@ def wait_until(predicate, timeout_s: float, what: str):
 
 @pytest.fixture
 def tiny_checkpoint(tmp_path) -> Path:
-    from distilray.model import load_classifier, load_tokenizer, resolve_model
-
-    path = tmp_path / "tiny-ckpt"
-    source = resolve_model("tiny")
-    load_classifier(source, ["negative", "positive"], seed=1).save_pretrained(path)
-    load_tokenizer(source).save_pretrained(path)
-    (path / "distilray.json").write_text(json.dumps(
-        {"run_name": "fresh", "step": 1, "epoch": 1, "metrics": {}, "model_name": "tiny",
-         "max_length": 64}))
-    return path
+    return save_tiny_checkpoint(tmp_path / "tiny-ckpt", "fresh")
 
 
 def test_serve_detach_then_stop_without_ray_address(tmp_path, tiny_checkpoint):

@@ -9,7 +9,6 @@ Three applications are deployed once per module from one Serve config — built 
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -28,6 +27,7 @@ import yaml
 from distilray.config import load_config
 from distilray.serve.app import CLASSIFIER_NAME, INGRESS_NAME, emit_serve_config
 from distilray.serve.predictor import Predictor
+from tests.conftest import save_tiny_checkpoint
 
 pytestmark = pytest.mark.ray
 
@@ -112,16 +112,7 @@ class Load:
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    from distilray.model import load_classifier, load_tokenizer, resolve_model
-
-    path = tmp_path_factory.mktemp("serve-tiny")
-    source = resolve_model("tiny")
-    load_classifier(source, ["negative", "positive"], seed=1).save_pretrained(path)
-    load_tokenizer(source).save_pretrained(path)
-    (path / "distilray.json").write_text(json.dumps(
-        {"run_name": "tiny-test", "step": 1, "epoch": 1, "metrics": {}, "model_name": "tiny",
-         "max_length": 64}))
-    return path
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("serve-tiny"), "tiny-test")
 
 
 @pytest.fixture(scope="module")
