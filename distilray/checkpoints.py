@@ -105,16 +105,19 @@ def weights_file(path: Path) -> Path:
     return found
 
 
-def checkpoint_info(path: Path) -> dict[str, Any]:
-    """Identity of a checkpoint: `distilray.json` fields plus a short hash of the weights."""
+def checkpoint_info(path: Path, full_sha256: bool = False) -> dict[str, Any]:
+    """Identity of a checkpoint: `distilray.json` fields plus a short hash of the weights
+    (and the whole one as `sha256` when asked: the weights are hashed once either way)."""
     meta = read_meta(path)
-    sha = sha256_file(weights_file(path))[:12]
+    digest = sha256_file(weights_file(path))
+    sha = digest[:12]
     run = meta.get("run_name") or path.name
     step = meta.get("step")
     ident = f"{run}@step{step}:{sha}" if step is not None else f"{run}:{sha}"
-    return {"id": ident, "sha256_12": sha, "path": str(path), **{
+    info = {"id": ident, "sha256_12": sha, "path": str(path), **{
         k: meta[k] for k in ("run_name", "step", "epoch", "metrics", "model_name", "max_length")
         if k in meta}}
+    return {**info, "sha256": digest} if full_sha256 else info
 
 
 def checkpoint_size(path: str | Path) -> int:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from distilray.metrics import confusion_counts, metrics_from_confusion
+from distilray.metrics import confusion_counts, metrics_from_confusion, per_class_scores
 
 ECE_BINS = 15
 LENGTH_BUCKETS = (16, 32, 64, 128, 256, 512)
@@ -25,16 +25,11 @@ PROB_FLOOR = 1e-12  # log loss of a probability rounded to 0 stays finite
 
 def per_class(cm: np.ndarray, labels: Sequence[str]) -> dict[str, dict[str, float]]:
     """Precision, recall, F1 and support of each class (0 where a class is never predicted)."""
-    cm = np.asarray(cm, dtype=np.float64)
-    out = {}
-    for i, name in enumerate(labels):
-        tp, predicted, actual = cm[i, i], cm[:, i].sum(), cm[i, :].sum()
-        precision = tp / predicted if predicted else 0.0
-        recall = tp / actual if actual else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        out[name] = {"precision": round(float(precision), 6), "recall": round(float(recall), 6),
-                     "f1": round(float(f1), 6), "support": int(actual)}
-    return out
+    precision, recall, f1 = per_class_scores(cm)
+    support = np.asarray(cm).sum(axis=1)
+    return {name: {"precision": round(float(precision[i]), 6), "recall": round(float(recall[i]), 6),
+                   "f1": round(float(f1[i]), 6), "support": int(support[i])}
+            for i, name in enumerate(labels)}
 
 
 def log_loss(probs: np.ndarray, labels: np.ndarray) -> float:

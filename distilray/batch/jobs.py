@@ -42,16 +42,14 @@ from distilray.batch.pipeline import (
 )
 from distilray.checkpoints import check_servable, checkpoint_info, read_meta, resolve_checkpoint_dir
 from distilray.config import Config, DataConfig
-from distilray.files import sha256_file, write_text_atomic
+from distilray.files import write_text_atomic
 from distilray.runtime import connect_ray
 
 
 def model_spec(cfg: Config, checkpoint: str) -> tuple[ModelSpec, dict[str, Any]]:
     """The checkpoint to load (a run or experiment directory means its best) and its identity."""
     path = check_servable(resolve_checkpoint_dir(checkpoint))
-    info = checkpoint_info(path)
-    info["sha256"] = sha256_file(next(p for p in (path / "model.safetensors", path / "pytorch_model.bin")
-                                      if p.exists()))
+    info = checkpoint_info(path, full_sha256=True)
     max_length = read_meta(path).get("max_length") or cfg.data.max_length
     p = cfg.predict
     spec = ModelSpec(str(path), max_length=max_length, backend=p.backend,
