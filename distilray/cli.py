@@ -33,7 +33,7 @@ FLAG_KEYS: dict[str, dict[str, str]] = {
     "distill": {"teacher": "distill.teacher", "student": "distill.student",
                 "workers": "train.num_workers", "gpu": "train.use_gpu", "name": "train.name",
                 "storage_path": "train.storage_path"},
-    "serve": {"host": "serve.host", "port": "serve.port"},
+    "serve": {"host": "serve.host", "port": "serve.port", "model": "serve.model"},
     "predict": {"text_column": "predict.text_column", "format": "predict.output_format",
                 "backend": "predict.backend", "gpus_per_actor": "predict.gpus_per_actor"},
     "evaluate": {"backend": "predict.backend"},
@@ -167,7 +167,13 @@ def cmd_serve_emit_config(args: argparse.Namespace) -> int:
     from distilray.serve.app import serve_config_text
 
     cfg = load_args_config(args)
-    Path(args.emit_config).write_text(serve_config_text(cfg, _serve_checkpoint(args, cfg)))
+    if cfg.serve.model:  # written as given: the alias is resolved at each deploy
+        from distilray.store import parse_model_ref
+
+        text = serve_config_text(cfg, None, str(parse_model_ref(cfg.serve.model)))
+    else:
+        text = serve_config_text(cfg, _serve_checkpoint(args, cfg))
+    Path(args.emit_config).write_text(text)
     print(f"wrote {args.emit_config}")
     return 0
 
@@ -178,12 +184,13 @@ def cmd_serve_detach(args: argparse.Namespace) -> int:
     from distilray.checkpoints import check_servable
 
     cfg = load_args_config(args)
-    checkpoint = str(check_servable(_serve_checkpoint(args, cfg)))
+    bundle = _serve_bundle(cfg)
+    checkpoint = None if bundle else str(check_servable(_serve_checkpoint(args, cfg)))
     if not os.environ.get("RAY_ADDRESS"):  # a head that outlives this command
         _join_serve_head(start=True)
     from distilray.serve.lifecycle import start_server  # imports Ray, which reads the env once
 
-    _print_serving(start_server(cfg, checkpoint))
+    _print_serving(start_server(cfg, checkpoint, bundle))
     print("detached; stop it with `distilray serve --stop`")
     return 0
 
@@ -192,10 +199,24 @@ def cmd_serve_foreground(args: argparse.Namespace) -> int:
     from distilray.serve.lifecycle import serve_until_interrupted, start_server
 
     cfg = load_args_config(args)
-    _print_serving(start_server(cfg, _serve_checkpoint(args, cfg)))
+    bundle = _serve_bundle(cfg)
+    _print_serving(start_server(cfg, None if bundle else _serve_checkpoint(args, cfg), bundle))
     print("press Ctrl-C to stop", flush=True)
     serve_until_interrupted(cfg)
     return 0
+
+
+def _serve_bundle(cfg: Any) -> dict[str, str] | None:
+    """`--model STORE/NAME@ALIAS`: pinned to one version and verified here, before any deploy."""
+    if not cfg.serve.model:
+        return None
+    from distilray.serve.app import pin_bundle
+    from distilray.store import ModelStore
+
+    bundle = pin_bundle(cfg.serve.model)
+    ModelStore(bundle["store"]).local_bundle(bundle["name"], bundle["version"])
+    print(f"{bundle['requested']} → {bundle['name']}@{bundle['version']}", flush=True)
+    return bundle
 
 
 SERVE_MODES = {"stop": cmd_serve_stop, "emit_config": cmd_serve_emit_config,
@@ -296,6 +317,146 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
           f"eval_ece {report['eval_ece']:.4f}")
     print(f"wrote {report['files']['json']} and {report['files']['md']}")
     return 0
+
+
+# --------------------------------------------------------------------------- promote, models
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from distilray.lifecycle.gate import Gate, parse_bars
+    from distilray.lifecycle.promote import Promotion, promote
+
+    if bool(args.checkpoint) == bool(args.experiment):
+        raise ConfigError("pass exactly one of --checkpoint DIR or --experiment DIR")
+    store = _store_arg(args.to, "--to")
+    gate = Gate(minimum=parse_bars(args.min, "--min"), maximum=parse_bars(args.max, "--max"),
+                tolerance=args.tolerance, compare=(args.metric,))
+    cfg = load_args_config(args)
+    summary = promote(cfg, Promotion(args.checkpoint or args.experiment, store, args.name,
+                                     alias=args.alias, eval_data=args.eval_data,
+                                     eval_split=args.split, gate=gate))
+    shown = "  ".join(f"{k} {v:.4f}" for k, v in summary["metrics"].items())
+    verb = "already stored as" if summary["reused"] else "stored as"
+    print(f"{summary['model']}: {verb} {summary['version']} ({summary['uri']}); {shown} on "
+          f"{summary['eval']['data']} [{summary['eval']['split']}], {summary['eval']['rows']} rows")
+    if summary["current_metrics"]:
+        was = "  ".join(f"{k} {v:.4f}" for k, v in summary["current_metrics"].items())
+        print(f"  {summary['alias']} was {summary['previous']}: {was}")
+    print(f"{summary['model']}@{summary['alias']} → {summary['version']}")
+    if args.deploy:
+        _deploy(cfg, store, summary)
+    return 0
+
+
+def _deploy(cfg: Any, store: str, summary: Mapping[str, Any]) -> None:
+    """`promote --deploy`: move the running application to the promoted version in place."""
+    import os
+
+    from distilray.lifecycle.promote import with_model
+
+    head = None if os.environ.get("RAY_ADDRESS") else _join_serve_head(start=False)
+    from distilray.serve.lifecycle import serve_applications, start_server  # Ray reads the env
+
+    if not os.environ.get("RAY_ADDRESS") and head is None:
+        raise ConfigError("--deploy: no running application found (start one with `distilray "
+                          "serve --model STORE/NAME@production --detach`, or set RAY_ADDRESS)")
+    cfg = with_model(cfg, f"{store}/{summary['model']}@{summary['version']}")
+    if cfg.serve.app_name not in serve_applications():
+        raise ConfigError(f"--deploy: no application '{cfg.serve.app_name}' is running on this "
+                          "cluster (serve.app_name)")
+    bundle = {"store": store, "name": summary["model"], "version": summary["version"],
+              "requested": f"{store}/{summary['model']}@{summary['alias']}"}
+    url = start_server(cfg, None, bundle)
+    print(f"deployed {summary['model']}@{summary['version']} to {cfg.serve.app_name} at {url}")
+
+
+def _store_arg(value: str | None, flag: str) -> str:
+    import os
+
+    from distilray.store import STORE_ENV
+
+    store = value or os.environ.get(STORE_ENV)
+    if not store:
+        raise ConfigError(f"no model store: pass {flag} STORE (a directory or s3:// / gs:// URI) "
+                          f"or set ${STORE_ENV}")
+    return store
+
+
+def _model_arg(args: argparse.Namespace) -> Any:
+    from distilray.store import parse_model_ref
+
+    return parse_model_ref(args.model, args.store)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    return MODELS_ACTIONS[args.action](args)
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from distilray.store import ModelStore
+
+    if args.model:
+        raise ConfigError("`distilray models list` takes no model; use --store STORE")
+    store = ModelStore(_store_arg(args.store, "--store"))
+    names = store.names()
+    if not names:
+        print(f"no models in {store.root}")
+    for name in names:
+        aliases = store.aliases(name)
+        versions = store.versions(name)
+        pointers = ", ".join(f"{a}→{v}" for a, v in sorted(aliases.items())) or "no aliases"
+        print(f"{name}\t{len(versions)} version(s), latest {versions[-1]}\t{pointers}")
+    return 0
+
+
+def cmd_models_show(args: argparse.Namespace) -> int:
+    from distilray.store import ModelStore
+
+    if not args.model:
+        raise ConfigError("`distilray models show` needs a model: NAME[@VERSION|@ALIAS]")
+    ref = _model_arg(args)
+    store = ModelStore(ref.store)
+    if ref.ref is None and not args.json:
+        for version in store.versions(ref.name):
+            d = store.describe(ref.name, version)
+            acc = d["eval"].get("eval_accuracy")
+            print(f"{version}\t{d['created']}\t"
+                  + (f"eval_accuracy {acc:.4f}" if acc is not None else "no eval")
+                  + (f"\t[{', '.join(d['aliases'])}]" if d["aliases"] else ""))
+        for record in store.history(ref.name):
+            print(f"  {record['at']} {record['action']}: {record['alias']} "
+                  f"{record.get('previous') or '-'} → {record['version']}")
+        return 0
+    d = store.describe(ref.name, store.resolve(ref.name, ref.ref))
+    if args.json:
+        print(json.dumps(d, indent=2, default=str))
+        return 0
+    ev, src = d["eval"], d["lineage"].get("source", {})
+    print(f"{d['model']}@{d['version']}  {d['uri']}  aliases: {', '.join(d['aliases']) or '-'}")
+    print(f"  created {d['created']}, {len(d['files'])} files, "
+          f"{sum(d['files'].values()) / 1e6:.1f} MB")
+    if ev:
+        print(f"  eval: eval_accuracy {ev.get('eval_accuracy', float('nan')):.4f}  eval_macro_f1 "
+              f"{ev.get('eval_macro_f1', float('nan')):.4f} on {ev.get('data', {}).get('spec')} "
+              f"[{ev.get('data', {}).get('split')}], {ev.get('eval_count')} rows")
+    print(f"  source: {src.get('checkpoint_id')} ({src.get('checkpoint')})")
+    return 0
+
+
+def cmd_models_rollback(args: argparse.Namespace) -> int:
+    from distilray.lifecycle.promote import rollback
+
+    if not args.model:
+        raise ConfigError("`distilray models rollback` needs a model: NAME")
+    ref = _model_arg(args)
+    if ref.ref:
+        raise ConfigError(f"rollback moves an alias; pass NAME and --alias, not {ref.name}@{ref.ref}")
+    out = rollback(ref.store, ref.name, alias=args.alias, to=args.to)
+    print(f"{out['model']}@{out['alias']} → {out['version']} (was {out['previous']})")
+    return 0
+
+
+MODELS_ACTIONS = {"list": cmd_models_list, "show": cmd_models_show, "rollback": cmd_models_rollback}
 
 
 # --------------------------------------------------------------------------- quickstart, config
@@ -481,6 +642,8 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative: o
     p.add_argument("--detach", action="store_true", help="return once the app is healthy")
     p.add_argument("--emit-config", metavar="PATH",
                    help="write a Serve config file (serve run/deploy, RayService) and exit")
+    p.add_argument("--model", help="a model-store version: STORE/NAME@production or @v3 "
+                                   "(serve.model), instead of --checkpoint")
     p.add_argument("--host", help="HTTP host (serve.host)")
     p.add_argument("--port", type=int, help="HTTP port (serve.port)")
     p.add_argument("--stop", action="store_true",
@@ -515,6 +678,36 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative: o
     p.add_argument("--split", default="validation", help="split to evaluate (default: validation)")
     p.add_argument("--output", help="where eval.json and eval.md go (default: the checkpoint)")
     p.add_argument("--backend", choices=["torch", "int8"], help="predict.backend")
+
+    p = add("promote", "evaluate a checkpoint, gate it, store it as a new version, move an alias",
+            cmd_promote)
+    _add_config_args(p)
+    p.add_argument("--checkpoint", help="checkpoint or `distilray train` run directory")
+    p.add_argument("--experiment", help="`distilray tune` experiment directory (its best/)")
+    p.add_argument("--to", metavar="STORE", help="model store: a directory or s3:// / gs:// URI "
+                                                 "(default: $DISTILRAY_MODEL_STORE)")
+    p.add_argument("--name", required=True, help="model name in the store")
+    p.add_argument("--alias", default="production", help="alias to move (default: production)")
+    p.add_argument("--eval-data", help="dataset spec to evaluate on (default: the run's data.dataset)")
+    p.add_argument("--split", default="validation", help="eval split (default: validation)")
+    p.add_argument("--min", action="append", default=[], metavar="METRIC=VALUE",
+                   help="a bar the evaluation must reach, e.g. eval_accuracy=0.85 (repeatable)")
+    p.add_argument("--max", action="append", default=[], metavar="METRIC=VALUE",
+                   help="a bar the evaluation must stay under, e.g. eval_ece=0.05 (repeatable)")
+    p.add_argument("--tolerance", type=float, default=0.0,
+                   help="how much worse than the alias's current version it may be (default 0)")
+    p.add_argument("--metric", default="eval_accuracy",
+                   help="metric compared with the current version (default: eval_accuracy)")
+    p.add_argument("--deploy", action="store_true",
+                   help="then move the running application (serve.app_name) to the new version")
+
+    p = add("models", "list, show and roll back the versions in a model store", cmd_models)
+    p.add_argument("action", choices=list(MODELS_ACTIONS))
+    p.add_argument("model", nargs="?", help="NAME, NAME@v3, NAME@production or STORE/NAME@...")
+    p.add_argument("--store", help="model store (default: $DISTILRAY_MODEL_STORE)")
+    p.add_argument("--alias", default="production", help="rollback: the alias to move")
+    p.add_argument("--to", help="rollback: the version to point at (default: the previous one)")
+    p.add_argument("--json", action="store_true", help="show: the whole record as JSON")
 
     p = add("distill", "train a smaller student from a fine-tuned teacher", cmd_distill)
     _add_config_args(p)

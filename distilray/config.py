@@ -150,6 +150,9 @@ class TuneConfig:
 class ServeConfig:
     checkpoint: str | None = None
     """Checkpoint directory to serve (default: `<experiment>/best`)."""
+    model: str | None = None
+    """Instead of a checkpoint, a model-store version: `STORE/NAME@production` (an alias,
+    resolved once per deploy, so every replica loads the same version) or `STORE/NAME@v3`."""
     app_name: str = "distilray"
     route_prefix: str = "/"
     host: str = "127.0.0.1"

@@ -33,3 +33,15 @@ class ClusterError(DistilrayError):
 
 class RunFailed(DistilrayError):
     """A run that started and failed (the CLI exits 1; input problems exit 2)."""
+
+
+class BundleError(CheckpointError):
+    """A model bundle or store entry that is missing, unreadable or does not match its manifest."""
+
+
+class PromotionRefused(RunFailed):
+    """The promotion gate refused a version: each failed bar names both numbers."""
+
+    def __init__(self, failures: list[str]):
+        self.failures = list(failures)
+        super().__init__("promotion refused, nothing changed: " + "; ".join(self.failures))

@@ -131,9 +131,14 @@ def http_options(cfg: ServeConfig) -> dict[str, Any]:
     return {"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.request_timeout_s + 1.0}
 
 
-def emit_serve_config(cfg: Config, checkpoint: str) -> dict[str, Any]:
-    """A Serve config that `serve run`, `serve deploy` and RayService `serveConfigV2` accept."""
+def emit_serve_config(cfg: Config, checkpoint: str | None, model: str | None = None) -> dict[str, Any]:
+    """A Serve config that `serve run`, `serve deploy` and RayService `serveConfigV2` accept.
+
+    With `model` (STORE/NAME@ALIAS) the alias is resolved each time the application is built
+    (every deploy), so a new production version reaches a redeployed app without an edit.
+    """
     s = cfg.serve
+    source = {"model": model} if model else {"checkpoint": checkpoint}
     return {
         "proxy_location": "EveryNode",
         "http_options": http_options(s),
@@ -141,29 +146,46 @@ def emit_serve_config(cfg: Config, checkpoint: str) -> dict[str, Any]:
             "name": s.app_name,
             "route_prefix": s.route_prefix,
             "import_path": IMPORT_PATH,
-            "args": {"checkpoint": checkpoint, "serve": replica_args(s)},
+            "args": {**source, "serve": replica_args(s)},
             "deployments": deployment_options(s),
         }],
     }
 
 
-def serve_config_from_args(args: dict[str, Any]) -> tuple[str, ServeConfig]:
-    """Validate `args` of a Serve config ({checkpoint, serve: {...}}) like any distilray config."""
-    if not isinstance(args, dict) or not args.get("checkpoint"):
-        raise ConfigError("Serve application args need 'checkpoint' (a checkpoint directory); "
-                          f"got {args!r}")
-    unknown = sorted(set(args) - {"checkpoint", "serve"})
+def serve_config_from_args(args: dict[str, Any]) -> tuple[str | None, ServeConfig]:
+    """Validate `args` of a Serve config ({checkpoint | model, serve: {...}}) like any distilray
+    config; returns the checkpoint (None when a store `model` is served) and the settings."""
+    if not isinstance(args, dict) or bool(args.get("checkpoint")) == bool(args.get("model")):
+        raise ConfigError("Serve application args need exactly one of 'checkpoint' (a checkpoint "
+                          f"directory) or 'model' (STORE/NAME@ALIAS); got {args!r}")
+    unknown = sorted(set(args) - {"checkpoint", "model", "serve"})
     if unknown:
-        raise ConfigError(f"unknown Serve application args {unknown}; allowed: checkpoint, serve")
+        raise ConfigError(f"unknown Serve application args {unknown}; allowed: checkpoint, "
+                          "model, serve")
     cfg = config_from_dict({"serve": args.get("serve") or {}})
-    return str(args["checkpoint"]), cfg.serve
+    return (str(args["checkpoint"]) if args.get("checkpoint") else None), cfg.serve
 
 
-def serve_config_text(cfg: Config, checkpoint: str) -> str:
+def pin_bundle(model: str) -> dict[str, str]:
+    """Resolve `STORE/NAME@ALIAS` once, to the immutable version every replica then loads."""
+    from distilray.store import ModelStore, parse_model_ref
+
+    ref = parse_model_ref(model)
+    store = ModelStore(ref.store)
+    version = store.resolve(ref.name, ref.ref)
+    store.manifest(ref.name, version)  # published (replicas verify every file)
+    return {"store": ref.store, "name": ref.name, "version": version, "requested": str(ref)}
+
+
+def serve_config_text(cfg: Config, checkpoint: str | None, model: str | None = None) -> str:
     """The YAML of `emit_serve_config`; a checkpoint missing here is written as given (a
     path that exists where the config is deployed, e.g. a volume in the pods)."""
     import yaml
 
+    if model:
+        return SERVE_CONFIG_HEADER + yaml.safe_dump(emit_serve_config(cfg, None, model),
+                                                    sort_keys=False)
+    assert checkpoint is not None
     if Path(checkpoint).expanduser().exists():
         checkpoint = str(check_servable(checkpoint))
     else:
@@ -174,11 +196,14 @@ def serve_config_text(cfg: Config, checkpoint: str) -> str:
 def build_app(args: dict[str, Any]) -> Any:
     """Serve application builder: the `import_path` of every distilray Serve config."""
     checkpoint, cfg = serve_config_from_args(args)
-    return bind_app(checkpoint, cfg)
+    bundle = pin_bundle(str(args["model"])) if checkpoint is None else None
+    return bind_app(checkpoint, cfg, bundle=bundle)
 
 
-def bind_app(checkpoint: str, cfg: ServeConfig, env_vars: dict[str, str] | None = None) -> Any:
-    """The bound application; `env_vars` reach the replicas through their runtime_env."""
+def bind_app(checkpoint: str | None, cfg: ServeConfig, env_vars: dict[str, str] | None = None,
+             bundle: dict[str, str] | None = None) -> Any:
+    """The bound application; `env_vars` reach the replicas through their runtime_env; a
+    `bundle` ({store, name, version}, from `pin_bundle`) is served instead of `checkpoint`."""
     from distilray.serve import deployments
     from distilray.serve.http import make_fastapi_app
     from distilray.serve.schema import request_models
@@ -191,8 +216,8 @@ def bind_app(checkpoint: str, cfg: ServeConfig, env_vars: dict[str, str] | None 
             opts["ray_actor_options"]["runtime_env"] = {"env_vars": env_vars}
     settings = replica_args(cfg)
     if cfg.topology == "single":
-        return deployments.deployment(ingress, options[0]).bind(None, settings, checkpoint)
+        return deployments.deployment(ingress, options[0]).bind(None, settings, checkpoint, bundle)
     ingress_opts, classifier_opts = options
     classifier = deployments.deployment(deployments.Classifier, classifier_opts)
-    return deployments.deployment(ingress, ingress_opts).bind(classifier.bind(checkpoint, settings),
-                                                               settings)
+    return deployments.deployment(ingress, ingress_opts).bind(
+        classifier.bind(checkpoint, settings, bundle), settings)

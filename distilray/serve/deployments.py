@@ -36,6 +36,7 @@ from distilray.serve.schema import (
     ErrorResponse,
     error_json,
 )
+from distilray.store import ModelStore
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +47,15 @@ UNAUTHORIZED = "send 'Authorization: Bearer <token>'"
 class Classifier:
     """One model replica: a Predictor behind a continuous-batching queue of texts."""
 
-    def __init__(self, checkpoint: str, settings: dict[str, Any]):
+    def __init__(self, checkpoint: str | None, settings: dict[str, Any],
+                 bundle: dict[str, str] | None = None):
         import torch
 
         s = replace(ServeConfig(), **settings)
+        self._version = f"{bundle['name']}@{bundle['version']}" if bundle else None
+        if bundle:  # verified here, in the replica: a tampered or half-copied bundle never loads
+            checkpoint = str(ModelStore(bundle["store"]).local_bundle(bundle["name"], bundle["version"]))
+        assert checkpoint is not None
         threads = s.torch_threads or max(1, int(s.num_cpus))
         device = "cuda" if s.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         # All torch work (loading, warm-up, every forward pass) on one thread. Forward
@@ -64,6 +70,7 @@ class Classifier:
                              device, pass_overhead_tokens=s.pass_overhead_tokens)
 
         self._predictor = self._torch_thread.submit(load).result()
+        self._served = (self._predictor.info["id"], self._version)
         self._batch_size = Histogram("distilray_batch_size", "Texts per forward batch",
                                      boundaries=BATCH_BOUNDARIES)
         self._queue = Gauge("distilray_queue_length",
@@ -79,11 +86,14 @@ class Classifier:
         log.info("Classifier replica ready: %s (%s, %s, %d threads), warm-up %.0f ms",
                  self._predictor.info["id"], device, s.backend, threads, self._warmup_ms)
 
-    async def classify(self, texts: list[str]) -> list[Prediction]:
+    async def classify(self, texts: list[str]) -> list[tuple[Prediction, tuple[str, str | None]]]:
+        """Each prediction with (checkpoint id, version) of the weights that made it: while a
+        deployment moves to a new version, one response may come from either."""
         self._queue.set(self._batcher.queued_texts + len(texts))
-        return await self._batcher.submit(texts)
+        served = self._served
+        return [(p, served) for p in await self._batcher.submit(texts)]
 
-    async def classify_merged(self, texts: list[str]) -> tuple[str, list[Prediction]]:
+    async def classify_merged(self, texts: list[str]) -> tuple[str, list[tuple[Prediction, tuple[str, str | None]]]]:
         """`classify`, tagged with this replica's id (the Ingress counts live replicas)."""
         return self._replica_id, await self.classify(texts)
 
@@ -107,7 +117,7 @@ class Classifier:
 
     def info(self) -> dict[str, Any]:
         p = self._predictor
-        return {"model": p.model_name, "checkpoint": p.info, "labels": p.labels,
+        return {"model": p.model_name, "version": self._version, "checkpoint": p.info, "labels": p.labels,
                 "max_length": p.max_length, "backend": p.backend, "device": str(p.device),
                 "warmup_ms": round(self._warmup_ms, 1)}
 
@@ -130,10 +140,11 @@ class Ingress:
     fast_path_key: str | None = None
     """This app's key in `http.FAST_CLASSIFY` (`app.state.fast_path_key`)."""
 
-    def __init__(self, classifier: Any, settings: dict[str, Any], checkpoint: str | None = None):
+    def __init__(self, classifier: Any, settings: dict[str, Any], checkpoint: str | None = None,
+                 bundle: dict[str, str] | None = None):
         s = replace(ServeConfig(), **settings)
         self._classifier = classifier
-        self._local = Classifier(checkpoint, settings) if classifier is None else None
+        self._local = Classifier(checkpoint, settings, bundle) if classifier is None else None
         self._token = server_token(s.auth_token_env, s.auth_token_file)
         self._timeout_s = s.request_timeout_s
         self._chunk = s.max_batch_size
@@ -181,7 +192,7 @@ class Ingress:
         if self._local is not None:
             self._local.check_health()
 
-    async def _classify_chunk(self, texts: list[str]) -> list[Prediction]:
+    async def _classify_chunk(self, texts: list[str]) -> list[tuple[Prediction, tuple[str, str | None]]]:
         if self._local is not None:
             return await self._local.classify(texts)
         if self._coalescer is not None:
@@ -228,9 +239,12 @@ class Ingress:
             for task in tasks:
                 task.cancel()
         info = await self._model_info()
+        answered = [item for chunk in results for item in chunk]
+        checkpoint, version = answered[0][1]
+        body = {"model": info["model"], "checkpoint": checkpoint, "version": version,
+                "predictions": [asdict(p) for p, _ in answered]}
         # built by hand: ClassifyResponse documents it, re-validating it costs per request
-        return JSONResponse({"model": info["model"], "checkpoint": info["checkpoint"]["id"],
-                             "predictions": [asdict(p) for chunk in results for p in chunk]})
+        return JSONResponse(body)
 
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
@@ -241,13 +255,15 @@ class Ingress:
         except (TimeoutError, RayActorError, BackPressureError):
             return error_json(503, "not_ready", "no Classifier replica answered within 5s")
         self._info = info
-        return {"status": "ready", "model": info["model"],
+        return {"status": "ready", "model": info["model"], "version": info["version"],
                 "checkpoint": info["checkpoint"]["id"], "warmup_ms": info["warmup_ms"]}
 
     async def model_info(self, request: Request) -> Any:
+        """Asks a replica each time: after a version change it names the new version."""
         if not self._authorized(request):
             return error_json(401, "unauthorized", UNAUTHORIZED, **{"WWW-Authenticate": "Bearer"})
-        return {**await self._model_info(), **self._limits}
+        self._info = await self._replica_info()
+        return {**self._info, **self._limits}
 
 
 def ingress_class(app: Any, body_type: Any) -> type:

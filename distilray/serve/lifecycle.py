@@ -47,15 +47,17 @@ def wait_ready(url: str, timeout_s: float = 120.0, token: str | None = None) -> 
                          "(ray.get_runtime_context() names it; /tmp/ray/session_latest for Ray's default)")
 
 
-def start_server(cfg: Config, checkpoint: str) -> str:
-    """Deploy `checkpoint` with `cfg.serve`, wait until /readyz answers, return the base URL.
+def start_server(cfg: Config, checkpoint: str | None, bundle: dict[str, str] | None = None) -> str:
+    """Deploy `checkpoint` (or a model-store `bundle` from `app.pin_bundle`) with `cfg.serve`,
+    wait until /readyz answers, return the base URL.
 
     Uses RAY_ADDRESS, the cluster this process is connected to, or a new local one
     (`runtime.connect_ray`); the application lives as long as that cluster, or until
-    `shutdown_server`.
+    `shutdown_server`. An application of the same name already running is updated in place:
+    Serve starts the new replicas, then drains the old ones.
     """
     s = cfg.serve
-    path = check_servable(checkpoint)
+    path = None if bundle else check_servable(checkpoint or "")
     server_token(s.auth_token_env, s.auth_token_file)  # fail here, not in every replica
     connect_ray(include_dashboard=False, log_to_driver=False)
     serve.start(http_options=http_options(s))
@@ -67,13 +69,36 @@ def start_server(cfg: Config, checkpoint: str) -> str:
     token = os.environ.get(s.auth_token_env)
     # replicas on an already running cluster do not see this shell's environment
     env = {s.auth_token_env: token} if token and not s.auth_token_file else None
-    app = bind_app(str(path), s, env)
+    app = bind_app(str(path) if path else None, s, env, bundle=bundle)
     t0 = time.time()
     serve.run(app, name=s.app_name, route_prefix=s.route_prefix, blocking=False)
     url = base_url(s)
+    if bundle:
+        wait_deployed(s.app_name)
     ready = wait_ready(url)
-    log.info("serving %s at %s (ready in %.1fs)", ready.get("checkpoint"), url, time.time() - t0)
+    log.info("serving %s at %s (ready in %.1fs)", ready.get("version") or ready.get("checkpoint"),
+             url, time.time() - t0)
     return url
+
+
+def wait_deployed(app_name: str, timeout_s: float = 300.0) -> None:
+    """Wait until Serve reports the application RUNNING (every replica of the new version
+    started, the old ones drained); a failed deploy raises with Serve's message (e.g. a
+    bundle that does not match its manifest)."""
+    deadline = time.monotonic() + timeout_s
+    status = None
+    time.sleep(0.5)  # let the controller take the new config before reading its status
+    while time.monotonic() < deadline:
+        status = serve.status().applications.get(app_name)
+        if status is not None and status.status == "RUNNING":
+            return
+        if status is not None and status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
+            messages = [status.message] + [d.message for d in status.deployments.values()]
+            raise DistilrayError(f"application {app_name} failed to deploy: "
+                                 + " | ".join(m for m in messages if m)[:2000])
+        time.sleep(0.5)
+    raise DistilrayError(f"application {app_name} was not RUNNING within {timeout_s:.0f}s "
+                         f"(status {status.status if status else 'missing'})")
 
 
 def shutdown_server(cfg: Config) -> bool:

@@ -30,6 +30,8 @@ class PredictionOut(BaseModel):
 class ClassifyResponse(BaseModel):
     model: str = Field(description="Base model the checkpoint was fine-tuned from.")
     checkpoint: str = Field(description="`run@step:sha256[:12]` of the served weights.")
+    version: str | None = Field(description="`NAME@vN` of the model-store version that answered "
+                                "(null when a checkpoint directory is served).")
     predictions: list[PredictionOut] = Field(description="One per input text, in order.")
 
 
