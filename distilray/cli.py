@@ -354,10 +354,11 @@ def _deploy(cfg: Any, store: str, summary: Mapping[str, Any]) -> None:
 
     from distilray.lifecycle.promote import with_model
 
-    head = None if os.environ.get("RAY_ADDRESS") else _join_serve_head(start=False)
+    joined = os.environ.get("RAY_ADDRESS") or ("ray" in sys.modules and sys.modules["ray"].is_initialized())
+    head = None if joined else _join_serve_head(start=False)
     from distilray.serve.lifecycle import serve_applications, start_server  # Ray reads the env
 
-    if not os.environ.get("RAY_ADDRESS") and head is None:
+    if not joined and head is None:
         raise ConfigError("--deploy: no running application found (start one with `distilray "
                           "serve --model STORE/NAME@production --detach`, or set RAY_ADDRESS)")
     cfg = with_model(cfg, f"{store}/{summary['model']}@{summary['version']}")

@@ -92,3 +92,18 @@ def sst2_run(ray_4_cpus, sst2_dir, tmp_path_factory) -> dict:
 def sst2_checkpoint(sst2_run) -> str:
     """Path of the best checkpoint of `sst2_run` (Hugging Face format)."""
     return sst2_run["best_checkpoint"]
+
+
+@pytest.fixture(scope="session")
+def sst2_student(sst2_checkpoint, sst2_dir, tmp_path_factory) -> dict:
+    """layers:3 of the SST-2 teacher, distilled with configs/distill.yaml (the distill and
+    model-lifecycle tests share it: it takes minutes on 2 cores)."""
+    from distilray.config import load_config
+    from distilray.distill.objective import run_distillation
+
+    storage = tmp_path_factory.mktemp("sst2-student")
+    cfg = load_config(REPO / "configs" / "distill.yaml", [
+        f"distill.teacher={sst2_checkpoint}", "distill.student=layers:3", f"data.dataset={sst2_dir}",
+        "train.num_workers=2", f"train.storage_path={storage}", "train.log_every_steps=50",
+        "train.max_failures=0", "train.name=kd"])
+    return {"cfg": cfg, **run_distillation(cfg)}

@@ -129,7 +129,7 @@ def lineage(ckpt: Path, run_config: dict[str, Any], report: dict[str, Any]) -> d
         "config": run_config,
         "data": {"train": data_identity(run_config.get("data") or {}),
                  "eval": report["data"]},
-        "teacher": meta.get("teacher"),
+        "teacher": (meta.get("distill") or {}).get("teacher"),
         "distill": meta.get("distill"),
         "model_name": meta.get("model_name"),
         "max_length": meta.get("max_length"),

@@ -71,7 +71,10 @@ def start_server(cfg: Config, checkpoint: str | None, bundle: dict[str, str] | N
     env = {s.auth_token_env: token} if token and not s.auth_token_file else None
     app = bind_app(str(path) if path else None, s, env, bundle=bundle)
     t0 = time.time()
-    serve.run(app, name=s.app_name, route_prefix=s.route_prefix, blocking=False)
+    try:  # returns once the application is RUNNING (for an update: the rollout is done)
+        serve.run(app, name=s.app_name, route_prefix=s.route_prefix, blocking=False)
+    except RuntimeError as exc:  # DEPLOY_FAILED: the replicas' own error says why
+        raise DistilrayError(deploy_failure(s.app_name) or str(exc)) from None
     url = base_url(s)
     if bundle:
         wait_deployed(s.app_name)
@@ -93,9 +96,7 @@ def wait_deployed(app_name: str, timeout_s: float = 300.0) -> None:
         if status is not None and status.status == "RUNNING":
             return
         if status is not None and status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
-            messages = [status.message] + [d.message for d in status.deployments.values()]
-            raise DistilrayError(f"application {app_name} failed to deploy: "
-                                 + " | ".join(m for m in messages if m)[:2000])
+            raise DistilrayError(deploy_failure(app_name) or f"application {app_name}: {status.status}")
         time.sleep(0.5)
     raise DistilrayError(f"application {app_name} was not RUNNING within {timeout_s:.0f}s "
                          f"(status {status.status if status else 'missing'})")
@@ -133,3 +134,14 @@ def serve_until_interrupted(cfg: Config) -> None:
     except KeyboardInterrupt:
         log.info("stopping %s", cfg.serve.app_name)
     shutdown_server(cfg)
+
+
+def deploy_failure(app_name: str) -> str | None:
+    """Why Serve could not deploy `app_name`: its deployments' messages (a replica's
+    constructor error, e.g. a bundle that does not match its manifest), or None."""
+    status = serve.status().applications.get(app_name)
+    if status is None:
+        return None
+    messages = [status.message] + [d.message for d in status.deployments.values()]
+    text = " | ".join(m.strip() for m in messages if m and m.strip())
+    return f"application {app_name} failed to deploy: {text[-3000:]}" if text else None

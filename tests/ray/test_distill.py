@@ -150,7 +150,7 @@ def test_tune_searches_temperature_and_alpha(tiny_teacher, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(2700)  # may train the session's SST-2 teacher first (~8 min, ~20 min on a busy machine)
-def test_sst2_student_keeps_97_percent_and_is_faster(sst2_checkpoint, sst2_dir, tmp_path):
+def test_sst2_student_keeps_97_percent_and_is_faster(sst2_checkpoint, sst2_student):
     """Issue 8, acceptance 2: layers:3 of the SST-2 teacher, distilled with configs/distill.yaml.
 
     The alpha = 0 student beside it is trained by benchmarks/distill.py (same config), which
@@ -159,11 +159,7 @@ def test_sst2_student_keeps_97_percent_and_is_faster(sst2_checkpoint, sst2_dir, 
     from distilray.data import load_splits
     from distilray.distill.report import measure_checkpoints, render_report, retention
 
-    cfg = load_config(REPO / "configs" / "distill.yaml", [
-        f"distill.teacher={sst2_checkpoint}", "distill.student=layers:3", f"data.dataset={sst2_dir}",
-        "train.num_workers=2", f"train.storage_path={tmp_path}", "train.log_every_steps=50",
-        "train.max_failures=0", "train.name=kd"])
-    kd = run_distillation(cfg)
+    cfg, kd = sst2_student["cfg"], sst2_student
     ev = load_splits(cfg.data, 2).eval
     scores = measure_checkpoints({"teacher": sst2_checkpoint, "student (KD)": kd["best_checkpoint"]},
                                  ev.column("text").to_pylist(), ev.column("label").to_pylist(), 128)
