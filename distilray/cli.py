@@ -37,6 +37,8 @@ FLAG_KEYS: dict[str, dict[str, str]] = {
     "predict": {"text_column": "predict.text_column", "format": "predict.output_format",
                 "backend": "predict.backend", "gpus_per_actor": "predict.gpus_per_actor"},
     "evaluate": {"backend": "predict.backend"},
+    "pipeline": {"name": "pipeline.name", "store": "pipeline.store", "deploy": "pipeline.deploy",
+                 "workers": "train.num_workers", "gpu": "train.use_gpu"},
 }
 """Per command, the flags that set a config key (argparse dest → dotted key)."""
 
@@ -460,6 +462,31 @@ def cmd_models_rollback(args: argparse.Namespace) -> int:
 MODELS_ACTIONS = {"list": cmd_models_list, "show": cmd_models_show, "rollback": cmd_models_rollback}
 
 
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from distilray.lifecycle.pipeline import check_pipeline, run_pipeline, unique_run_name
+
+    if args.storage_path:  # runs and searches both live there
+        args.overrides += [f"train.storage_path={args.storage_path}",
+                           f"tune.storage_path={args.storage_path}"]
+    cfg = load_args_config(args)
+    store, model = check_pipeline(cfg)
+    p = cfg.pipeline
+    stages = ["tune" if p.search else "train", *(["distill"] if p.distill else []),
+              "evaluate + gate", f"promote to {store}/{model}@{p.alias}", *(["deploy"] if p.deploy else [])]
+    if args.dry_run:
+        print(f"dry run OK: {' → '.join(stages)}; runs named like {unique_run_name(p.name)}")
+        return 0
+    print(f"pipeline: {' → '.join(stages)}", flush=True)
+    record = run_pipeline(cfg)
+    promoted = record["promoted"]
+    shown = "  ".join(f"{k} {v:.4f}" for k, v in promoted["metrics"].items())
+    print(f"pipeline {record['name']}: {model}@{p.alias} → {promoted['version']} ({shown}); "
+          f"record: {record.get('file', '-')}")
+    if p.deploy:
+        _deploy(cfg, store, promoted)
+    return 0
+
+
 # --------------------------------------------------------------------------- quickstart, config
 
 
@@ -701,6 +728,15 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative: o
                    help="metric compared with the current version (default: eval_accuracy)")
     p.add_argument("--deploy", action="store_true",
                    help="then move the running application (serve.app_name) to the new version")
+
+    p = add("pipeline", "train or tune → distill → evaluate → promote, with new run names each time",
+            cmd_pipeline)
+    _add_config_args(p)
+    _add_run_args(p, "runs", "train.storage_path / tune.storage_path")
+    p.add_argument("--name", help="stem of the run names (pipeline.name)")
+    p.add_argument("--store", help="model store (pipeline.store; default: $DISTILRAY_MODEL_STORE)")
+    p.add_argument("--deploy", action="store_true", default=None,
+                   help="then move the running application to the new version (pipeline.deploy)")
 
     p = add("models", "list, show and roll back the versions in a model store", cmd_models)
     p.add_argument("action", choices=list(MODELS_ACTIONS))

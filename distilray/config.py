@@ -257,6 +257,37 @@ class PredictConfig:
 
 
 @dataclass(frozen=True)
+class PipelineConfig:
+    """`distilray pipeline`: train or tune → optional distill → evaluate → promote."""
+
+    search: bool = False
+    """true: a Tune search (tune.*) picks the model; false: one training run (train.*)."""
+    distill: bool = False
+    """Then distil the best model into distill.student, and promote the student."""
+    name: str = "distilray"
+    """Stem of the run names: each run appends a UTC timestamp and a random suffix, so a
+    re-applied RayJob or a scheduled rerun starts new runs instead of finding old ones."""
+    store: str | None = None
+    """Model store (a directory or s3:// / gs:// URI; default: $DISTILRAY_MODEL_STORE)."""
+    model: str | None = None
+    """Model name in the store (default: pipeline.name)."""
+    alias: str = "production"
+    eval_data: str | None = None
+    """Dataset spec the gate evaluates on (default: data.dataset)."""
+    eval_split: str = "validation"
+    minimum: dict[str, float] = field(default_factory=dict)
+    """Bars the evaluation must reach, e.g. {eval_accuracy: 0.85}."""
+    maximum: dict[str, float] = field(default_factory=dict)
+    """Bars the evaluation must stay under, e.g. {eval_ece: 0.05}."""
+    tolerance: float = _opt(0.0, ge=0.0)
+    """How much worse than the alias's current version a new one may be."""
+    metric: str = "eval_accuracy"
+    """Metric compared with the current version."""
+    deploy: bool = False
+    """Then move the running application (serve.*, on RAY_ADDRESS) to the new version."""
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -265,6 +296,7 @@ class Config:
     serve: ServeConfig = field(default_factory=ServeConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
 
 # --------------------------------------------------------------------------- loading

@@ -208,3 +208,21 @@ def test_emitted_serve_config_keeps_the_alias_for_every_deploy_to_resolve(tmp_pa
     assert serve_config_from_args(app["args"])[0] is None
     with pytest.raises(ConfigError, match="exactly one of 'checkpoint'"):
         serve_config_from_args({"checkpoint": "/x", "model": "/m/a@v1"})
+
+
+def test_pipeline_run_names_are_unique_and_its_config_is_checked_before_any_run(tmp_path, capsys):
+    from distilray.config import load_config
+    from distilray.lifecycle.pipeline import check_pipeline, unique_run_name
+
+    names = {unique_run_name("sst2", now=0) for _ in range(20)}
+    assert len(names) == 20 and all(n.startswith("sst2-19700101-000000-") for n in names)
+    with pytest.raises(ConfigError) as err:
+        check_pipeline(load_config(None, ["pipeline.name=bad name", "pipeline.distill=true",
+                                          "distill.teacher=/t"]))
+    text = str(err.value)
+    assert "pipeline.store is not set" in text and "bad name" in text and "leave distill.teacher unset" in text
+    assert main(["pipeline", "--dry-run", "--store", str(tmp_path / "store"), "--name", "sst2",
+                 "--set", "pipeline.distill=true", "--set", "pipeline.minimum={eval_accuracy: 0.85}"]) == 0
+    out = capsys.readouterr().out
+    assert f"train → distill → evaluate + gate → promote to {tmp_path}/store/sst2@production" in out
+    assert not (tmp_path / "store").exists()  # a dry run writes nothing
