@@ -212,3 +212,26 @@ def test_promote_deploy_moves_a_running_app_under_load_without_a_failed_request(
         assert ModelStore(tiny_store).aliases("tiny") == {"production": "v2"}
     finally:
         serve.delete("lifecycle")
+
+
+def test_the_pipeline_runs_twice_in_a_row_with_distinct_names(ray_4_cpus, tmp_path, capsys):
+    store, runs = tmp_path / "store", tmp_path / "runs"
+    sets = ["model.name=tiny", "model.dropout=0.0", "data.dataset=synthetic:sentiment",
+            "data.synthetic_size=400", "data.max_length=64", "train.lr=1e-3", "train.epochs=1",
+            "train.max_failures=0", "train.log_every_steps=100", "pipeline.tolerance=0.2"]
+    argv = ["pipeline", "--store", str(store), "--name", "tiny", "--storage-path", str(runs),
+            "--workers", "1", *(arg for s in sets for arg in ("--set", s))]
+    records = []
+    for _ in range(2):
+        assert main(argv) == 0
+        out = capsys.readouterr().out
+        assert "pipeline: train → evaluate + gate → promote to" in out, out
+        (record_file,) = {Path(p) for p in runs.glob("*/pipeline.json")} - {Path(r["file"]) for r in records}
+        records.append(json.loads(record_file.read_text()))
+    first, second = records
+    assert first["name"] != second["name"] and all(r["result"] == "promoted" for r in records)
+    assert [s["stage"] for s in first["stages"]] == ["train", "promote"]
+    assert Path(first["stages"][0]["run_dir"]).name == first["name"]
+    s = ModelStore(str(store))
+    assert s.aliases("tiny")["production"] == second["promoted"]["version"]
+    assert len(s.history("tiny")) == len(set(s.versions("tiny"))) >= 1
