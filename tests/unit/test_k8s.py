@@ -8,8 +8,12 @@ strict, secure, and runs the CLI this checkout installs.
 - Core kinds, and every pod template embedded in a KubeRay resource, are checked with
   `kubernetes-validate` in strict mode.
 - serveConfigV2 is compared with what the real `distilray serve --emit-config` writes for the
-  commands in k8s/emit-serve-config.sh; RayJob entrypoints run through the real CLI
-  (`distilray train ... --dry-run`; `distilray tune` is parsed and its config validated).
+  commands in k8s/emit-serve-config.sh, and its app is built against a real local model store;
+  RayJob entrypoints run through the real CLI (`distilray train|pipeline ... --dry-run`;
+  `distilray tune` is parsed and its config validated).
+- The opt-in component k8s/components/scheduled-retraining (a RayCronJob) is rendered the way
+  the overlays' comments say to enable it: it adds only the RayCronJob, whose job template is
+  the pipeline RayJob's spec.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +39,11 @@ import yaml
 from tests.conftest import REPO, shared_path
 
 OVERLAYS = ("cpu", "gpu")
+RETRAINING = "scheduled-retraining"  # opt-in component: k8s/components/scheduled-retraining
+WITH_RETRAINING = tuple(f"{o}+{RETRAINING}" for o in OVERLAYS)
+# KubeRay v1.7.0 name limits (utils.MaxRay*NameLength): RayJob and RayService clusters append
+# 6 characters, a RayCronJob's RayJobs append -<minutes since the epoch>.
+MAX_NAME = {"RayCluster": 53, "RayJob": 47, "RayService": 47, "RayCronJob": 36}
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
              "RayService": "ray.io_rayservices.yaml", "RayCronJob": "ray.io_raycronjobs.yaml"}
 K8S_VERSIONS = ("1.30.0", "1.37.0")  # oldest Kubernetes we claim, newest the validator knows
@@ -53,15 +63,46 @@ RUNTIME_ENV_KEYS = {"working_dir", "py_modules", "pip", "uv", "conda", "env_vars
 
 @functools.cache
 def render(overlay: str) -> tuple[dict[str, Any], ...]:
+    """`kubectl kustomize k8s/overlays/<overlay>`; `<overlay>+<component>`: that overlay with
+    the component enabled as its comments say (listed before components/cluster-spec)."""
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl (with built-in kustomize) is not installed")
-    out = subprocess.run([kubectl, "kustomize", str(REPO / "k8s" / "overlays" / overlay)],
-                         capture_output=True, text=True, timeout=60)
+    name, _, component = overlay.partition("+")
+    with tempfile.TemporaryDirectory(prefix="k8s-overlay-") as tmp:
+        root = REPO / "k8s" / "overlays" / name
+        if component:
+            root = Path(tmp)
+            (root / "kustomization.yaml").write_text(yaml.safe_dump(
+                overlay_with_component(name, component, root)))
+        out = subprocess.run([kubectl, "kustomize", str(root)],
+                             capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     docs = tuple(d for d in yaml.safe_load_all(out.stdout) if d)
     assert docs, f"overlay {overlay} rendered nothing"
     return docs
+
+
+def overlay_with_component(overlay: str, component: str, where: Path) -> dict[str, Any]:
+    """overlays/<overlay>/kustomization.yaml with the commented-out `components` lines its
+    comments offer uncommented (what a user does to enable `component`), its paths made
+    relative to `where` (kustomize takes only relative paths)."""
+    src = REPO / "k8s" / "overlays" / overlay
+    text = re.sub(r"^(\s*)# ?(\s*(components:|- \.\./\.\./components/\S+).*)$", r"\1\2",
+                  (src / "kustomization.yaml").read_text(), flags=re.M)
+    kust = yaml.safe_load(text)
+    wanted = f"../../components/{component}"
+    assert wanted in kust["components"], f"overlays/{overlay} does not offer {component}"
+    # listed before cluster-spec, so the copies it needs are made after it adds its resource
+    assert kust["components"][-1] == "../../components/cluster-spec"
+
+    def moved(path: str) -> str:
+        return os.path.relpath((src / path).resolve(), where)
+
+    kust["resources"] = [moved(r) for r in kust["resources"]]
+    kust["components"] = [moved(c) for c in kust["components"]]
+    assert all("path" not in p for p in kust.get("patches", [])), "move patch files too"
+    return kust
 
 
 def of_kind(docs, kind: str) -> list[dict[str, Any]]:
@@ -154,10 +195,17 @@ def core_problems(doc: dict[str, Any], version: str) -> list[str]:
 # --------------------------------------------------------------------------- pod templates
 
 
+def job_spec(doc: dict[str, Any]) -> dict[str, Any] | None:
+    """The RayJob spec of a RayJob, or the one a RayCronJob creates its RayJobs from."""
+    return {"RayJob": doc.get("spec"),
+            "RayCronJob": doc.get("spec", {}).get("jobTemplate")}.get(doc["kind"])
+
+
 def cluster_specs(doc: dict[str, Any]) -> list[dict[str, Any]]:
     spec = doc.get("spec", {})
-    return {"RayCluster": [spec], "RayJob": [spec.get("rayClusterSpec")],
-            "RayService": [spec.get("rayClusterConfig")]}.get(doc["kind"], [])
+    if doc["kind"] in ("RayJob", "RayCronJob"):
+        return [job_spec(doc).get("rayClusterSpec")]  # type: ignore[union-attr]
+    return {"RayCluster": [spec], "RayService": [spec.get("rayClusterConfig")]}.get(doc["kind"], [])
 
 
 def pod_templates(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -166,8 +214,9 @@ def pod_templates(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
         assert cs, f"{doc['kind']} {doc['metadata']['name']} has no cluster spec"
         out.append(("head", cs["headGroupSpec"]["template"]))
         out += [(f"worker group {g['groupName']}", g["template"]) for g in cs["workerGroupSpecs"]]
-    if doc["kind"] == "RayJob" and "submitterPodTemplate" in doc["spec"]:
-        out.append(("job submitter", doc["spec"]["submitterPodTemplate"]))
+    job = job_spec(doc)
+    if job and "submitterPodTemplate" in job:
+        out.append(("job submitter", job["submitterPodTemplate"]))
     return out
 
 
@@ -190,7 +239,7 @@ def test_overlay_renders_the_expected_resources(overlay):
         ("Namespace", "distilray"), ("PersistentVolumeClaim", "distilray-storage"),
         ("NetworkPolicy", "distilray-ray-internal"), ("NetworkPolicy", "distilray-serve-clients"),
         ("RayCluster", "distilray-dev"), ("RayJob", "distilray-train"), ("RayJob", "distilray-tune"),
-        ("RayService", "distilray-serve")])
+        ("RayJob", "distilray-pipeline"), ("RayService", "distilray-serve")])
     # local-config sources (the cluster template, the serve-config ConfigMap) are not deployed
     for doc in render(overlay):
         assert "config.kubernetes.io/local-config" not in doc["metadata"].get("annotations", {})
@@ -198,12 +247,42 @@ def test_overlay_renders_the_expected_resources(overlay):
             assert doc["metadata"]["namespace"] == "distilray"
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", OVERLAYS + WITH_RETRAINING)
 def test_kuberay_resources_validate_against_the_crds_strictly(overlay):
     docs = [d for d in render(overlay) if d["kind"] in CRD_FILES]
-    assert {d["kind"] for d in docs} == {"RayCluster", "RayJob", "RayService"}
+    kinds = {"RayCluster", "RayJob", "RayService"} | ({"RayCronJob"} if "+" in overlay else set())
+    assert {d["kind"] for d in docs} == kinds
     problems = {f"{d['kind']}/{d['metadata']['name']}": crd_problems(d) for d in docs}
     assert problems == {k: [] for k in problems}
+    for d in docs:  # longer names pass the schema but KubeRay refuses them
+        assert len(d["metadata"]["name"]) <= MAX_NAME[d["kind"]], d["metadata"]["name"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_scheduled_retraining_adds_only_a_raycronjob_that_runs_the_pipeline_rayjob(overlay):
+    """Enabling the component changes nothing else; each week's RayJob is the pipeline RayJob
+    (entrypoint, GPU patch, cluster spec, submitter) and the schedule is what KubeRay takes."""
+    plain, with_cron = render(overlay), render(f"{overlay}+{RETRAINING}")
+    assert not of_kind(plain, "RayCronJob")
+    (cron,) = of_kind(with_cron, "RayCronJob")
+    key = lambda docs: {(d["kind"], d["metadata"]["name"]): d for d in docs}  # noqa: E731
+    assert key(d for d in with_cron if d["kind"] != "RayCronJob") == key(plain)
+    assert cron["metadata"] == {"name": "distilray-retrain", "namespace": "distilray",
+                                "labels": {"app.kubernetes.io/name": "distilray"}}
+    pipeline = by_name(plain, "RayJob", "distilray-pipeline")
+    assert cron["spec"]["jobTemplate"] == pipeline["spec"]
+    assert cron["spec"]["jobTemplate"]["rayClusterSpec"] == \
+        by_name(plain, "RayJob", "distilray-train")["spec"]["rayClusterSpec"]
+    spec = cron["spec"]
+    minute, hour, day, month, weekday = spec["schedule"].split()  # 5 fields: cron.ParseStandard
+    assert (minute, hour, day, month, weekday) == ("0", "3", "*", "*", "1")  # weekly, Monday
+    assert spec["timeZone"] == "Etc/UTC" and spec["suspend"] is False
+    import zoneinfo
+
+    zoneinfo.ZoneInfo(spec["timeZone"])  # KubeRay refuses a zone time.LoadLocation does not know
+    if overlay == "gpu":
+        argv = shlex.split(spec["jobTemplate"]["entrypoint"])
+        assert "--gpu" in argv and "train.mixed_precision=bf16" in argv
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -313,7 +392,10 @@ def test_every_ray_container_runs_serve_in_high_throughput_mode(overlay):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_rayjobs_clean_up_after_themselves(overlay):
     jobs = of_kind(render(overlay), "RayJob")
-    assert {j["metadata"]["name"] for j in jobs} == {"distilray-train", "distilray-tune"}
+    assert {j["metadata"]["name"] for j in jobs} == {"distilray-train", "distilray-tune",
+                                                     "distilray-pipeline"}
+    # a retry of the pipeline would train again under a new name; a refused gate is final
+    assert by_name(jobs, "RayJob", "distilray-pipeline")["spec"]["backoffLimit"] == 0
     for job in jobs:
         spec = job["spec"]
         assert spec["shutdownAfterJobFinishes"] is True
@@ -325,7 +407,7 @@ def test_rayjobs_clean_up_after_themselves(overlay):
 
 
 def test_gpu_overlay_adds_a_gpu_worker_group_and_gpu_entrypoints():
-    docs = render("gpu")
+    docs = render(f"gpu+{RETRAINING}")
     for doc in docs:
         for cs in cluster_specs(doc):
             groups = {g["groupName"]: g for g in cs["workerGroupSpecs"]}
@@ -337,13 +419,14 @@ def test_gpu_overlay_adds_a_gpu_worker_group_and_gpu_entrypoints():
                 in gpu["tolerations"]
             assert gpu["nodeSelector"]
             # long-lived clusters hold GPU pods only while needed; job clusters start with theirs
-            want = 2 if doc["kind"] == "RayJob" else 0
+            want = 2 if doc["kind"] in ("RayJob", "RayCronJob") else 0
             assert groups["gpu"]["minReplicas"] == groups["gpu"]["replicas"] == want, doc["kind"]
             assert "nvidia.com/gpu" not in str(groups["cpu"])
-    train = shlex.split(by_name(docs, "RayJob", "distilray-train")["spec"]["entrypoint"])
-    assert "--gpu" in train and "train.mixed_precision=bf16" in train
+    for name in ("distilray-train", "distilray-pipeline"):
+        argv = shlex.split(by_name(docs, "RayJob", name)["spec"]["entrypoint"])
+        assert "--gpu" in argv and "train.mixed_precision=bf16" in argv, name
     assert "train.use_gpu=true" in shlex.split(by_name(docs, "RayJob", "distilray-tune")["spec"]["entrypoint"])
-    for doc in render("cpu"):
+    for doc in render(f"cpu+{RETRAINING}"):
         assert "nvidia.com/gpu" not in str(doc) and "--gpu" not in str(doc)
 
 
@@ -377,7 +460,7 @@ def test_rayservice_upgrades_without_downtime_and_autoscales(overlay):
     assert config["http_options"]["host"] == "0.0.0.0" and config["http_options"]["port"] == 8000
     head = svc["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert {"containerPort": 8000, "name": "serve"} in head["ports"]
-    assert app["args"]["checkpoint"].startswith(STORAGE_MOUNT + "/")
+    assert app["args"]["model"].startswith(STORAGE_MOUNT + "/")
     gpus = deployment["ray_actor_options"].get("num_gpus", 0)
     assert (gpus >= 1) == (overlay == "gpu")
 
@@ -429,18 +512,66 @@ def test_serve_config_is_what_distilray_serve_emits(overlay, tmp_path):
     assert (REPO / SERVE_CONFIG_SOURCE[overlay]).read_text() == emitted
 
 
+def bound_bundle(app: Any) -> dict[str, str] | None:
+    """The model-store bundle ({store, name, version, ...}) an application's replicas load."""
+    for arg in app._bound_deployment.init_args:
+        if isinstance(arg, dict) and "version" in arg:
+            return arg
+        if hasattr(arg, "_bound_deployment"):
+            found = bound_bundle(arg)
+            if found:
+                return found
+    return None
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_serve_import_path_imports_and_builds_the_app(overlay):
+def test_serve_import_path_builds_the_app_from_the_production_version(overlay, tmp_path):
+    """Against a real store on a stand-in for the claim: the app pins the version production
+    points at when it is built, so after a promotion the next build serves the new version
+    with the same serveConfigV2; before any promotion the build fails naming the alias."""
+    from ray.serve import Application
+
+    from distilray.errors import BundleError
+    from distilray.store import ModelStore, write_bundle
+    from tests.conftest import save_tiny_checkpoint
+
     config = yaml.safe_load(by_name(render(overlay), "RayService", "distilray-serve")
                             ["spec"]["serveConfigV2"])
     (app,) = config["applications"]
     module, _, attr = app["import_path"].partition(":")
     assert module.startswith("distilray.")
     builder = getattr(importlib.import_module(module), attr)
-    from ray.serve import Application
+    assert app["args"]["model"] == f"{STORAGE_MOUNT}/models/sst2@production"
+    args = {**app["args"], "model": app["args"]["model"].replace(STORAGE_MOUNT, str(tmp_path))}
+    store = ModelStore(str(tmp_path / "models"))
+    with pytest.raises(BundleError, match="no such alias"):
+        builder(args)
+    for seed in (1, 2):
+        ckpt = save_tiny_checkpoint(tmp_path / f"ckpt-{seed}", f"tiny-{seed}", seed=seed)
+        version = store.publish("sst2", lambda d, c=ckpt: write_bundle(c, d, {}))
+        store.set_alias("sst2", "production", version, "promote")
+        # The builder validates the args exactly as a replica would and binds the deployment.
+        built = builder(args)
+        assert isinstance(built, Application)
+        assert bound_bundle(built) == {"store": str(tmp_path / "models"), "name": "sst2",
+                                       "version": f"v{seed}", "requested": args["model"]}
 
-    # The builder validates the args exactly as a replica would and binds the deployment.
-    assert isinstance(builder(app["args"]), Application)
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_rayservice_serves_what_the_pipeline_promotes(overlay):
+    """The RayService's model is the store, name and alias the pipeline RayJob promotes to."""
+    from distilray.cli import check_entrypoint
+    from distilray.config import load_config
+
+    docs = render(overlay)
+    entry = by_name(docs, "RayJob", "distilray-pipeline")["spec"]["entrypoint"]
+    args = check_entrypoint(shlex.join(localise(entry, {IMAGE_WORKDIR + "/": str(REPO) + "/"})))
+    p = load_config(args.config, args.overrides).pipeline
+    served = yaml.safe_load(by_name(docs, "RayService", "distilray-serve")["spec"]["serveConfigV2"])
+    (app,) = served["applications"]
+    assert app["args"]["model"] == f"{args.store}/{p.model}@{p.alias}"
+    assert args.store == f"{STORAGE_MOUNT}/models" and p.alias == "production"
+    assert p.minimum and p.tolerance > 0  # a gate, not an unconditional promotion
 
 
 # --------------------------------------------------------------------------- RayJob entrypoints
@@ -482,6 +613,46 @@ def test_train_entrypoints_pass_the_cli_dry_run(overlay, pod_paths):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "dry run OK" in proc.stdout
     assert f"checkpoints under {pod_paths[STORAGE_MOUNT]}/results/sst2" in proc.stdout
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pipeline_entrypoints_pass_the_cli_dry_run_with_new_run_names(overlay, pod_paths):
+    """`distilray pipeline --dry-run` checks config, store and names; each run is named anew."""
+    from distilray.cli import check_entrypoint
+
+    (entry,) = [e for o, e in all_entrypoints("pipeline") if o == overlay]
+    argv = localise(entry, pod_paths)
+    args = check_entrypoint(shlex.join(argv))  # parses with the real parser, loads the config
+    assert args.command == "pipeline" and args.workers == 2 and args.gpu == (overlay == "gpu")
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    runs = []
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-m", "distilray", *argv[1:], "--dry-run"], cwd="/",
+                              capture_output=True, text=True, timeout=120, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        store = f"{pod_paths[STORAGE_MOUNT]}/models"
+        assert f"dry run OK: train → evaluate + gate → promote to {store}/sst2@production" \
+            in proc.stdout
+        runs.append(re.search(r"runs named like (\S+)", proc.stdout).group(1))  # type: ignore[union-attr]
+    assert all(re.fullmatch(r"sst2-pipeline-\d{8}-\d{6}-[0-9a-f]{4}", r) for r in runs), runs
+    assert runs[0] != runs[1]
+
+
+@pytest.mark.slow
+def test_pipeline_training_stage_passes_the_train_dry_run(pod_paths):
+    """The pipeline's training run (its config and the entrypoint's flags) as `distilray train
+    --dry-run`: the data on the claim loads, the model builds, the workers fit."""
+    from distilray.cli import check_entrypoint
+
+    (entry,) = [e for o, e in all_entrypoints("pipeline") if o == "cpu"]
+    args = check_entrypoint(shlex.join(localise(entry, pod_paths)))
+    argv = ["train", "--config", args.config, "--workers", str(args.workers),
+            "--storage-path", args.storage_path, *[a for o in args.overrides for a in ("--set", o)]]
+    proc = subprocess.run([sys.executable, "-m", "distilray", *argv, "--dry-run"], cwd="/",
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "RAY_ADDRESS": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "dry run OK" in proc.stdout
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
