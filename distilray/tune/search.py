@@ -95,10 +95,7 @@ def make_scheduler(cfg: Config):
 def make_search_alg(cfg: Config):
     tc = cfg.tune
     if tc.search_alg == "optuna":
-        try:
-            import optuna  # an optional extra: imported only when asked for
-        except ImportError:
-            raise ConfigError("tune.search_alg=optuna needs Optuna: pip install 'distilray[optuna]'") from None
+        import optuna
         from ray.tune.search.optuna import OptunaSearch
 
         return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=tc.seed))

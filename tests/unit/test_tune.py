@@ -220,19 +220,13 @@ def test_export_best_copies_the_best_checkpoint_without_optimizer_state(tmp_path
     assert export_best(tmp_path / "nothing", "eval_accuracy", "max") is None
 
 
-def test_optuna_is_an_extra_with_a_clear_message(monkeypatch):
+def test_optuna_search_alg_is_optunas_tpe():
+    from ray.tune.search.optuna import OptunaSearch
+
     from distilray.tune.search import make_search_alg
 
     cfg = with_space({"train.lr": {"type": "loguniform", "low": 1e-5, "high": 1e-4}}, "tune.search_alg=optuna")
     check_tune_config(cfg)
-    with monkeypatch.context() as m:
-        m.setitem(sys.modules, "optuna", None)  # as if the extra were not installed
-        with pytest.raises(ConfigError, match=r"tune.search_alg=optuna needs Optuna: pip install "
-                                              r"'distilray\[optuna\]'"):
-            make_search_alg(cfg)
-    pytest.importorskip("optuna")
-    from ray.tune.search.optuna import OptunaSearch
-
     assert isinstance(make_search_alg(cfg), OptunaSearch)
 
 
@@ -247,3 +241,71 @@ def test_run_placement_groups_come_from_the_workers_log(tmp_path):
         {"event": "worker", "rank": 0, "placement_group": None}]))
     assert run_placement_groups(tmp_path) == {"aa01", "bb02"}
     assert run_placement_groups(tmp_path / "missing") == set()
+
+
+# --------------------------------------------------------------------------- YAML 1.1 floats, --set of one entry
+
+
+def load_yaml_space(tmp_path, body: str):
+    (tmp_path / "s.yaml").write_text("model: {name: tiny}\ntune:\n  space:\n" + body)
+    return load_config(tmp_path / "s.yaml")
+
+
+@pytest.mark.parametrize("body, key, field, expected", [
+    ("    train.lr: {type: loguniform, low: 1e-5, high: 1e-3}\n", "train.lr", "low", 1e-5),
+    ("    train.lr: {type: loguniform, low: 1e-5, high: 1e-3}\n", "train.lr", "high", 1e-3),
+    ("    train.lr: {type: uniform, low: '2E-5', high: 5.0e-5}\n", "train.lr", "low", 2e-5),
+    ("    train.lr: {type: grid, values: [1e-3, 1e-4]}\n", "train.lr", "values", [1e-3, 1e-4]),
+    ("    train.weight_decay: {type: choice, values: [0, 1e-2, .5e-1]}\n", "train.weight_decay", "values",
+     [0.0, 1e-2, 0.05]),
+    ("    train.epochs: {type: choice, values: ['2', 3]}\n", "train.epochs", "values", [2, 3]),
+    ("    model.name: {type: choice, values: [tiny, '1e5']}\n", "model.name", "values", ["tiny", "1e5"]),
+])
+def test_yaml11_float_strings_in_the_space_become_numbers(tmp_path, body, key, field, expected):
+    import yaml
+
+    assert isinstance(yaml.safe_load("x: 1e-5")["x"], str), "PyYAML (YAML 1.1) reads 1e-5 as a string"
+    cfg = load_yaml_space(tmp_path, body)
+    value = cfg.tune.space[key][field]
+    assert value == expected and [type(v) for v in np_list(value)] == [type(v) for v in np_list(expected)]
+    if key != "model.name":
+        check_tune_config(cfg)
+
+
+def np_list(value):
+    return value if isinstance(value, list) else [value]
+
+
+def test_set_edits_one_field_of_one_space_entry():
+    preset = REPO / "tune" / "sst2-minilm.yaml"
+    base = load_config(preset).tune.space
+    cfg = load_config(preset, ["tune.space.train.lr.high=1e-3"])
+    assert cfg.tune.space["train.lr"] == {**base["train.lr"], "high": 1e-3}
+    assert cfg.tune.space["train.weight_decay"] == base["train.weight_decay"], "other entries kept"
+    # a whole entry, in YAML flow or JSON (quoted 1e-5 is coerced too); null removes one
+    cfg = load_config(preset, ['tune.space.train.lr={"type": "loguniform", "low": "1e-5", "high": 2e-4}',
+                               "tune.space.train.warmup_ratio={type: choice, values: [0, 0.1]}",
+                               "tune.space.train.weight_decay=null"])
+    assert cfg.tune.space == {"train.lr": {"type": "loguniform", "low": 1e-5, "high": 2e-4},
+                              "train.warmup_ratio": {"type": "choice", "values": [0.0, 0.1]}}
+    # edits apply on top of a whole space given earlier on the same line, and of the default space
+    cfg = load_config(None, ["tune.space={train.lr: {type: loguniform, low: 1e-5, high: 1e-4}}",
+                             "tune.space.train.lr.low=2e-5"])
+    assert cfg.tune.space == {"train.lr": {"type": "loguniform", "low": 2e-5, "high": 1e-4}}
+    cfg = load_config(None, ["tune.space.train.weight_decay.values=[0.0, 0.3]"])
+    assert cfg.tune.space["train.weight_decay"]["values"] == [0.0, 0.3] and "train.lr" in cfg.tune.space
+    # the same path works for apply_overrides (what trials and tests use)
+    assert apply_overrides(cfg, {"tune.space.train.lr.high": 3e-4}).tune.space["train.lr"]["high"] == 3e-4
+
+
+def test_bad_space_overrides_name_the_override_and_the_form():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["tune.space.lr.high=1e-3", "tune.space.train.lr.hi=2", "tune.space.train.lr.low.x=1"])
+    problems = info.value.problems
+    assert len(problems) == 3
+    assert "override 'tune.space.lr.high=1e-3': a space entry is tune.space.<section>.<key>[.<field>]" in problems[0]
+    assert "unknown field 'hi' of a space entry (allowed: type, low, high, values)" in problems[1]
+    assert "tune.space.<section>.<key>[.<field>]" in problems[2]
+    with pytest.raises(ConfigError, match=r"tune.space.train.warmup_ratio.high: train.warmup_ratio is not in "
+                                          r"tune.space \(searched: train.lr, train.weight_decay\); add it whole"):
+        load_config(None, ["tune.space.train.warmup_ratio.high=0.2"])
