@@ -255,3 +255,18 @@ def fmt_value(value: Any) -> str:
 def short_key(key: str) -> str:
     """A searched key as column headers and axes name it (train.lr → lr)."""
     return {"train.lr": "lr", "train.weight_decay": "wd"}.get(key, key.split(".")[-1])
+
+
+def plan_confirmation(trials: list[TrialSummary], metric_mode: str, top_k: int, seeds: int,
+                      base_seed: int) -> list[dict[str, Any]]:
+    """The seed runs after a search: its top_k finished trials × `seeds` new train.seed values.
+
+    Only finished trials are ranked (a stopped trial's value is from a rung, not its end); the
+    search's own run keeps base_seed, so the extra runs take base_seed + 1 … + seeds.
+    """
+    finished = [t for t in trials if t.status == "done" and t.best_value is not None]
+    sign = -1.0 if metric_mode == "max" else 1.0
+    top = sorted(finished, key=lambda t: (sign * (t.best_value or 0.0), t.trial_id))[:top_k]
+    return [{"rank": rank, "source": t.trial_id, "base_seed": base_seed,
+             "params": {**t.params, SEED_KEY: base_seed + j}}
+            for rank, t in enumerate(top, start=1) for j in range(1, seeds + 1)]

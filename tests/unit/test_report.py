@@ -351,7 +351,8 @@ class Page:
         port = port_file.read_text().split()[0]
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as r:
             target = next(t for t in json.loads(r.read()) if t["type"] == "page")
-        self.ws = connect(target["webSocketDebuggerUrl"], max_size=None, open_timeout=30)
+        self._conn = connect(target["webSocketDebuggerUrl"], max_size=None, open_timeout=30)
+        self.ws = self._conn.__enter__()
         self.next_id, self.events = 0, []
 
     def send(self, method: str, **params):
@@ -377,7 +378,7 @@ class Page:
         raise AssertionError(f"timed out waiting for {expression}")
 
     def close(self) -> None:
-        self.ws.close()
+        self._conn.__exit__(None, None, None)
         self.proc.terminate()
         self.proc.wait(timeout=30)
 
