@@ -59,6 +59,12 @@ class Figure:
 # --------------------------------------------------------------------------- the Optuna study
 
 
+def category(value: Any) -> str:
+    """A choice/grid value as its category: Optuna plots numeric choices on a linear axis, where
+    weight decay 0 and 0.01 would overlap; as strings they get one slot each."""
+    return fmt_value(value)
+
+
 def distributions(exp: ExperimentSummary) -> dict[str, Any]:
     """tune.space as Optuna distributions: log axes for loguniform, categories for choice/grid."""
     from optuna.distributions import CategoricalDistribution, FloatDistribution
@@ -69,7 +75,8 @@ def distributions(exp: ExperimentSummary) -> dict[str, Any]:
         if kind in ("loguniform", "uniform"):
             out[key] = FloatDistribution(float(spec["low"]), float(spec["high"]), log=kind == "loguniform")
         elif kind in ("choice", "grid"):
-            out[key] = CategoricalDistribution(list(spec["values"]))
+            names = list(dict.fromkeys(category(v) for v in spec["values"]))
+            out[key] = CategoricalDistribution(names)
     return out
 
 
@@ -85,7 +92,8 @@ def frozen_trial(t: TrialSummary, dists: dict[str, Any]) -> Any:
              "error": TrialState.FAIL}.get(t.status, TrialState.RUNNING)
     if state == TrialState.COMPLETE and t.best_value is None:
         state = TrialState.FAIL
-    params = {k: t.params[k] for k in dists if k in t.params}
+    params = {k: category(t.params[k]) if hasattr(dists[k], "choices") else t.params[k]
+              for k in dists if k in t.params}
     if len(params) != len(dists):
         return None
     start, end = _when(t.started), _when(t.ended)
@@ -287,6 +295,7 @@ def importance_figure(exp: ExperimentSummary, study: Any, finished: int) -> Figu
     fig.fig = optuna.visualization.plot_param_importances(study, evaluator=evaluator,
                                                           target_name=exp.metric)
     fig.fig.update_traces(marker_color="#0072B2")
+    fig.fig.update_layout(height=160 + 60 * len(exp.space))
     return fig
 
 

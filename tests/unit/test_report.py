@@ -12,6 +12,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -234,6 +235,7 @@ def test_report_of_sixteen_trials_over_lr_and_weight_decay(tmp_path):
     (levels,) = [t for t in contour["data"] if t["type"] == "contour"]
     assert levels["colorscale"][0][1].lower() in ("#440154", "rgb(68, 1, 84)"), "Viridis starts at #440154"
     assert contour["layout"]["xaxis"]["type"] == "log"
+    assert contour["layout"]["yaxis"]["type"] == "category", "choice wd: 0, 0.01 and 0.1 one slot each"
     parallel = plot_json(page, "parallel")
     assert any("rgb(68, 1, 84)" in json.dumps(t) for t in parallel["data"]), "Viridis' first colour"
     importance = plot_json(page, "importance")
@@ -387,7 +389,8 @@ def check_in_browser(html_path: Path, screenshot: Path, n_trials: int, hover_key
     """Open report.html offline: every figure draws an SVG, hovering a point shows its values,
     no request leaves the machine; save a full-page screenshot."""
     pytest.importorskip("websockets")
-    page = Page(screenshot.parent / "chromium-profile")
+    profile = Path(tempfile.mkdtemp(prefix="chromium-profile-"))  # fresh: no stale DevToolsActivePort
+    page = Page(profile)
     try:
         page.send("Network.enable")
         page.send("Network.emulateNetworkConditions", offline=True, latency=0, downloadThroughput=-1,
@@ -421,6 +424,7 @@ def check_in_browser(html_path: Path, screenshot: Path, n_trials: int, hover_key
         assert urls and all(u.startswith(("file:", "data:", "about:")) for u in urls), urls
     finally:
         page.close()
+        shutil.rmtree(profile, ignore_errors=True)
 
 
 @pytest.mark.browser
