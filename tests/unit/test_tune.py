@@ -436,7 +436,9 @@ def test_confirm_settings_are_checked():
                       "train.seed": {"type": "choice", "values": [1, 2]}},
                      "tune.search_alg=grid", "tune.confirm_top_k=3", "tune.confirm_seeds=2")
     problems = problems_of(cfg)
-    assert any("train.seed cannot be searched as well" in p for p in problems)
-    assert any("tune.confirm_top_k=3 exceeds the 4 trials" not in p for p in problems)
+    assert len(problems) == 1 and "train.seed cannot be searched as well" in problems[0], problems
+    too_many = with_space({"train.lr": {"type": "grid", "values": [1e-3, 2e-3]}}, "tune.search_alg=grid",
+                          "tune.num_samples=1", "tune.confirm_top_k=3", "tune.confirm_seeds=2")
+    assert problems_of(too_many) == ["tune.confirm_top_k=3 exceeds the 2 trials the search runs; lower it"]
     assert load_config(None, ["model.name=tiny"]).tune.confirm_top_k == 0, "off by default"
     check_tune_config(load_config(REPO / "tune" / "tiny-seeds.yaml"))
