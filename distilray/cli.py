@@ -101,6 +101,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print(f"dry run OK: experiment '{summary['name']}', {summary['trials']} trials "
               f"({summary['search_alg']} search, {summary['scheduler']} scheduler) under "
               f"{summary['experiment']}")
+        print("\n".join(tune_plan_lines(summary)))
         return 0
     best, metric = summary["best"], summary["metric"]
     params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
@@ -110,6 +111,38 @@ def cmd_tune(args: argparse.Namespace) -> int:
     print(f"report: {summary['report']}")
     print(f"serve it: distilray serve --experiment {summary['experiment']}")
     return 0
+
+
+def _space_line(key: str, spec: Mapping[str, Any]) -> str:
+    if "values" in spec:
+        return f"    {key}: {spec.get('type')} {spec['values']}"
+    return f"    {key}: {spec.get('type')} {spec.get('low'):g} … {spec.get('high'):g}"
+
+
+def tune_plan_lines(plan: Mapping[str, Any]) -> list[str]:
+    """The trial plan of `distilray tune --dry-run`: what would run, where, and how it is cut."""
+    fit, steps, confirm = plan["fit"], plan["steps"], plan["confirm"]
+    gpu = f" + {fit['gpus_per_worker']:g} GPU" if fit["gpus_per_worker"] else ""
+    lines = [f"  trials: {plan['trials']}, optimising {plan['metric']} ({plan['mode']})",
+             f"  concurrency: {plan['concurrency']} at a time (tune.max_concurrent_trials="
+             f"{plan['max_concurrent_trials']}; the cluster holds {fit['fits']})",
+             f"  resources per trial: {fit['workers']} worker(s) × {fit['cpus_per_worker']:g} CPU{gpu} + "
+             f"{fit['driver_cpus']:g} CPU driver = {fit['trial_cpus']:g} CPUs"
+             + (f" + {fit['trial_gpus']:g} GPUs" if fit["trial_gpus"] else ""),
+             f"  cluster: {fit['where']}: {fit['cluster_cpus']:g} CPUs, {fit['cluster_gpus']:g} GPUs"]
+    if steps:
+        lines.append(f"  steps per trial: {steps['steps_per_epoch']} per epoch, {steps['total_steps']} in all "
+                     f"({plan['epochs']:g} epochs; {steps['train_rows']} train rows, {steps['eval_rows']} eval rows)")
+    if plan["rungs"]:
+        lines.append(f"  rungs (ASHA, epochs): {', '.join(f'{r:g}' for r in plan['rungs'])}; keeps the top "
+                     f"1/{plan['reduction_factor']:g} of trials at each")
+    else:
+        lines.append(f"  rungs: none ({plan['scheduler']}: every trial runs {plan['epochs']:g} epochs)")
+    lines.append(f"  seed confirmation: the top {confirm['top_k']} × {confirm['seeds']} more seeds = "
+                 f"{confirm['runs']} extra runs" if confirm["runs"] else "  seed confirmation: off")
+    lines.append("  space:")
+    lines += [_space_line(k, v) for k, v in plan["space"].items()]
+    return lines
 
 
 def cmd_distill(args: argparse.Namespace) -> int:

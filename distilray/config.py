@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import operator
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -144,6 +145,10 @@ class TuneConfig:
     """Experiment name; `distilray tune --resume NAME` continues it."""
     storage_path: str = "~/distilray_results"
     """Where experiments live: a local directory or a mount every node shares."""
+    confirm_top_k: int = _opt(0, ge=0)
+    """After the search, rerun the K best configurations with more seeds (0: off)."""
+    confirm_seeds: int = _opt(0, ge=0)
+    """Extra seeds (train.seed + 1 … + S) per confirmed configuration: the report's seed spread."""
 
 
 @dataclass(frozen=True)
@@ -438,6 +443,8 @@ def _build_section(cls: type, raw: Mapping[str, Any], prefix: str, problems: lis
             else:
                 problems.append(f"{dotted}={value!r} has the wrong type (expected {_type_name(tp)})")
             continue
+        if cls is TuneConfig and key == "space":
+            coerced = normalise_space(coerced)
         msg = _check_bounds(dotted, coerced, fields[key].metadata.get("bounds", {}))
         if msg:
             problems.append(msg)
@@ -457,8 +464,112 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+# --------------------------------------------------------------------------- tune.space
+
+_YAML11_FLOAT = re.compile(r"^[-+]?(\d[\d_]*\.?\d*|\.\d+)[eE][-+]?\d+$")
+"""Floats YAML 1.1 (PyYAML) reads as strings: `1e-5` (no dot), while `1.0e-5` is a float."""
+SPACE_PREFIX = "tune.space."
+SPACE_FIELDS = ("type", "low", "high", "values")
+
+
+def _space_key_type(key: str) -> Any:
+    """The declared type of a searched key (train.lr → float), or None for an unknown key."""
+    section, _, name = key.partition(".")
+    cls = typing.get_type_hints(Config).get(section)
+    if cls is None or not dataclasses.is_dataclass(cls):
+        return None
+    return typing.get_type_hints(cls).get(name)
+
+
+def _space_number(value: Any, tp: Any) -> Any:
+    """A bound or listed value as the searched key's type, when it is written as a string."""
+    if isinstance(value, str) and tp is None:
+        return float(value) if _YAML11_FLOAT.match(value.strip()) else value
+    if isinstance(value, str) or (tp is float and type(value) is int):
+        try:
+            return _coerce(value, tp)
+        except (ValueError, TypeError):
+            return value  # left for the space checks to name
+    return value
+
+
+def normalise_space(space: Mapping[str, Any]) -> dict[str, Any]:
+    """tune.space with bounds and grid/choice values as numbers: YAML 1.1 reads `1e-5` as a string."""
+    out: dict[str, Any] = {}
+    for key, spec in space.items():
+        if not isinstance(spec, Mapping):
+            out[key] = spec
+            continue
+        spec = dict(spec)
+        for bound in ("low", "high"):
+            if isinstance(spec.get(bound), str) and _YAML11_FLOAT.match(spec[bound].strip()):
+                spec[bound] = float(spec[bound])
+        if isinstance(spec.get("values"), list):
+            tp = _space_key_type(str(key))
+            spec["values"] = [_space_number(v, tp) for v in spec["values"]]
+        out[key] = spec
+    return out
+
+
+class SpaceEdits(list):
+    """`--set tune.space.<section>.<key>[.<field>]=value` edits, in order, applied to the preset's space.
+
+    A space key contains a dot itself (train.lr), so the dotted path cannot split at every dot:
+    after `tune.space.` come the key's two parts, then optionally one field of its entry.
+    """
+
+
+def _space_edit(item: str, path: str, value: Any) -> tuple[str, str | None, Any]:
+    parts = path.split(".")
+    sections = [f.name for f in dataclasses.fields(Config)]
+    if len(parts) not in (2, 3) or parts[0] not in sections:
+        raise ConfigError(f"override {item!r}: a space entry is tune.space.<section>.<key>[.<field>], "
+                          "e.g. tune.space.train.lr.high=1e-3 or "
+                          "tune.space.train.lr='{type: loguniform, low: 1e-5, high: 1e-3}'")
+    fld = parts[2] if len(parts) == 3 else None
+    if fld is not None and fld not in SPACE_FIELDS:
+        raise ConfigError(f"override {item!r}: unknown field {fld!r} of a space entry "
+                          f"(allowed: {', '.join(SPACE_FIELDS)})")
+    return f"{parts[0]}.{parts[1]}", fld, value
+
+
+def apply_space_edits(space: Mapping[str, Any], edits: Iterable[tuple[str, str | None, Any]]) -> dict[str, Any]:
+    """A copy of space with entries set (a mapping), removed (null) or one field changed."""
+    out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in space.items()}
+    for key, fld, value in edits:
+        if fld is None:
+            if value is None:
+                out.pop(key, None)
+            else:
+                out[key] = value
+            continue
+        if not isinstance(out.get(key), Mapping):
+            raise ConfigError(
+                f"tune.space.{key}.{fld}: {key} is not in tune.space (searched: {', '.join(out) or 'none'}); "
+                f"add it whole, e.g. --set 'tune.space.{key}={{type: loguniform, low: 1e-5, high: 1e-3}}'")
+        out[key][fld] = value
+    return out
+
+
+def _add_space_edit(tree: dict[str, Any], item: str, key: str, value: Any) -> None:
+    edit = _space_edit(item, key[len(SPACE_PREFIX):], value)
+    tune_tree = tree.setdefault("tune", {})
+    current = tune_tree.get("space")
+    if isinstance(current, SpaceEdits):
+        current.append(edit)
+    elif isinstance(current, Mapping):  # `tune.space={...}` earlier on the same command line
+        tune_tree["space"] = apply_space_edits(current, [edit])
+    else:
+        tune_tree["space"] = SpaceEdits([edit])
+
+
 def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
-    """Turn ["train.lr=3e-5", ...] into a nested dict; values are parsed as YAML scalars."""
+    """Turn ["train.lr=3e-5", ...] into a nested dict; values are parsed as YAML scalars.
+
+    `tune.space.train.lr.high=1e-3` edits one field of one space entry and
+    `tune.space.train.lr={...}` (YAML flow or JSON) sets one entry (null removes it), both
+    on top of the preset's space; `tune.space={...}` replaces the whole space.
+    """
     tree: dict[str, Any] = {}
     problems = []
     for item in overrides:
@@ -471,6 +582,12 @@ def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
             value = yaml.safe_load(text) if text.strip() else ""
         except yaml.YAMLError:
             value = text
+        if key.startswith(SPACE_PREFIX):
+            try:
+                _add_space_edit(tree, item, key, value)
+            except ConfigError as exc:
+                problems.extend(exc.problems)
+            continue
         _set_dotted(tree, key, value)
     if problems:
         raise ConfigError(problems)
@@ -480,8 +597,11 @@ def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
 def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in extra.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) and key != "space":
-            out[key] = _merge(dict(out[key]), value)
+        if key == "space" and isinstance(value, SpaceEdits):
+            base_space = out.get(key) if isinstance(out.get(key), Mapping) else TuneConfig().space
+            out[key] = apply_space_edits(base_space, value)
+        elif isinstance(value, Mapping) and key != "space":
+            out[key] = _merge(dict(out[key]) if isinstance(out.get(key), Mapping) else {}, value)
         else:
             out[key] = value
     return out
@@ -566,5 +686,9 @@ def apply_overrides(cfg: Config, overrides: Mapping[str, Any]) -> Config:
     """A validated copy of cfg with dotted keys replaced (used by Tune trials)."""
     tree = config_to_dict(cfg)
     for key, value in overrides.items():
-        _set_dotted(tree, key, value)
+        if key.startswith(SPACE_PREFIX):
+            edit = _space_edit(key, key[len(SPACE_PREFIX):], value)
+            tree["tune"]["space"] = apply_space_edits(tree["tune"]["space"], [edit])
+        else:
+            _set_dotted(tree, key, value)
     return config_from_dict(tree)

@@ -42,6 +42,11 @@ def use_serve_high_throughput() -> None:
     os.environ.update(with_serve_high_throughput(os.environ))
 
 
+def local_cpus(min_cpus: float) -> int:
+    """Logical CPUs of the private local Ray `connect_ray` starts for a job of min_cpus (+2 for Ray Data)."""
+    return max(os.cpu_count() or 1, int(min_cpus + 0.999) + 2)
+
+
 def connect_ray(start_local: bool = True, min_cpus: float | None = None,
                 include_dashboard: bool = True, log_to_driver: bool = True) -> bool:
     """Join RAY_ADDRESS's cluster (or the one this process joined), else start a private one.
@@ -62,7 +67,7 @@ def connect_ray(start_local: bool = True, min_cpus: float | None = None,
     if not start_local:
         return False
     use_serve_high_throughput()
-    cpus = None if min_cpus is None else max(os.cpu_count() or 1, int(min_cpus + 0.999) + 2)
+    cpus = None if min_cpus is None else local_cpus(min_cpus)
     # "local": a new instance even when `ray start` runs here or left a stale address record.
     ray.init(address="local", num_cpus=cpus, include_dashboard=include_dashboard,
              log_to_driver=log_to_driver)

@@ -8,7 +8,9 @@ Layout (`<tune.storage_path>/<tune.name>/`):
     <trial dirs>/   Tune's per-trial params.json, result.json (every report)
     runs/<trial>/   the trial's Ray Train run: checkpoint-step*/ in Hugging Face format
     best/ best.json the best trial's best checkpoint and what it is
-    report.html report.md trials.csv plots/   see `distilray.tune.report`
+    confirm/        with tune.confirm_top_k: the top configurations rerun with more seeds, the
+                    same layout again (trial dirs, events.jsonl, runs/)
+    report.html report.md trials.csv   see `distilray.tune.report`
 """
 
 from __future__ import annotations
@@ -31,6 +33,11 @@ EVENTS_FILE = "events.jsonl"
 BEST_DIR = "best"
 BEST_FILE = "best.json"
 RUNS_DIR = "runs"
+CONFIRM_DIR = "confirm"
+"""The seed confirmation: a second Tune experiment inside the first, laid out the same way."""
+CONFIRM_KEY = "confirm"
+"""A confirmation trial's one Tune parameter: {rank, source, base_seed, params (with train.seed)}."""
+SEED_KEY = "train.seed"
 
 
 @dataclasses.dataclass(frozen=True)

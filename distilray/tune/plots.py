@@ -1,234 +1,373 @@
-"""The report's figures: SVG drawn here from an ExperimentSummary, with no plotting dependency.
+"""The report's figures: plotly, through an in-memory Optuna study where Optuna's plots fit.
 
-`make_plots` returns each figure as SVG text; `report` embeds them in the HTML as data: URIs
-and writes them to plots/ for the Markdown report, so the HTML opens offline with nothing to
-fetch.
+The search's trials become an Optuna study (`build_study`: `create_trial` + `add_trials`, one
+FrozenTrial per Tune trial: finished = COMPLETE with its best value, stopped by ASHA = PRUNED,
+errored = FAIL, each with its evaluations as intermediate values), so the parallel coordinate,
+contour, parameter importance and timeline plots are `optuna.visualization`'s — log axes for
+log-uniform keys and categorical axes for choice/grid come from the study's distributions.
+Two figures are plotly directly, because Optuna's versions drop what the report must show:
+`plot_slice` keeps only COMPLETE trials and colours by trial number, so the "metric per key"
+figure here adds the stopped trials as their own series; `plot_intermediate_values` takes
+integer steps and does not mark where a trial was stopped, so the learning curves here run
+over epochs with ASHA's rungs and × at each stop.
+
+Colours: Viridis (perceptually uniform, readable with the common colour-vision deficiencies)
+for values, Okabe-Ito for trial status. Value-coloured plots (parallel coordinate, contour)
+hold only finished trials: a stopped trial's value is its value at the rung where it was
+cut, which is not comparable with finished trials' final values.
 """
 
 from __future__ import annotations
 
-import html
-import math
+import contextlib
+import datetime
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
-from distilray.tune.summary import (
-    ExperimentSummary,
-    TrialSummary,
-    fmt_value,
-    short_key,
-    sorted_trials,
-)
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 
-PALETTE = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7",
-           "#9c755f", "#bab0ac", "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#17becf"]
+from distilray.tune.summary import ExperimentSummary, TrialSummary, fmt_value, short_key
 
-
-class Scale:
-    """Data → pixel mapping for one axis, linear or log10, with readable ticks."""
-
-    def __init__(self, values: list[float], lo_px: float, hi_px: float, log: bool = False,
-                 pad: float = 0.06, floor: float | None = None, ceil: float | None = None):
-        self.log = log
-        vals = [math.log10(v) for v in values if v > 0] if log else list(values)
-        lo, hi = (min(vals), max(vals)) if vals else (0.0, 1.0)
-        if hi - lo < 1e-12:
-            lo, hi = lo - (0.5 if log else max(abs(lo) * 0.1, 0.05)), hi + (0.5 if log else max(abs(hi) * 0.1, 0.05))
-        span = hi - lo
-        lo, hi = lo - pad * span, hi + pad * span
-        if floor is not None:
-            lo = max(lo, floor)
-        if ceil is not None:
-            hi = min(hi, ceil)
-        self.lo, self.hi, self.lo_px, self.hi_px = lo, hi, lo_px, hi_px
-        self.nonneg = not log and bool(vals) and min(vals) >= 0  # no negative ticks for lr, wd, accuracy
-
-    def __call__(self, value: float) -> float:
-        v = math.log10(value) if self.log else value
-        return self.lo_px + (v - self.lo) / (self.hi - self.lo) * (self.hi_px - self.lo_px)
-
-    def ticks(self) -> list[tuple[float, str]]:
-        if self.log:
-            out = []
-            for e in range(math.floor(self.lo), math.ceil(self.hi) + 1):
-                mults = (1, 2, 5) if self.hi - self.lo < 2.5 else (1,)
-                for m in mults:
-                    v = m * 10.0 ** e
-                    if self.lo <= math.log10(v) <= self.hi:
-                        out.append((v, f"{m}e{e}" if m != 1 else f"1e{e}"))
-            return out
-        raw = (self.hi - self.lo) / 5
-        mag = 10 ** math.floor(math.log10(raw)) if raw > 0 else 1
-        step = next(s * mag for s in (1, 2, 2.5, 5, 10) if s * mag >= raw)
-        start = math.ceil(self.lo / step) * step
-        out, v = [], start
-        while v <= self.hi + 1e-12:
-            if not (self.nonneg and v < -1e-12):
-                v = 0.0 if abs(v) < 1e-12 else v
-                out.append((v, f"{v:.10g}" if abs(v) >= 1e-4 or v == 0 else f"{v:.1e}"))
-            v += step
-        return out
+STATUS_STYLE = {  # Okabe-Ito: told apart with any common colour-vision deficiency
+    "done": ("finished", "#0072B2", "circle"),
+    "stopped early": ("stopped early", "#E69F00", "x"),
+    "error": ("error", "#D55E00", "square"),
+    "unfinished": ("unfinished", "#999999", "diamond"),
+}
+VALUE_SCALE = "Viridis"
+MIN_IMPORTANCE_TRIALS = 6
+"""Finished trials PED-ANOVA needs before its top quantile holds more than one or two trials."""
+PLOTLY_CONFIG = {"displaylogo": False, "responsive": True}
 
 
-def _svg_open(width: int, height: int, title: str) -> list[str]:
-    return [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-            f'viewBox="0 0 {width} {height}" font-family="Helvetica, Arial, sans-serif" font-size="12">',
-            f'<rect width="{width}" height="{height}" fill="#ffffff"/>',
-            f'<text x="{width / 2}" y="20" text-anchor="middle" font-size="14" font-weight="bold">'
-            f'{html.escape(title)}</text>']
+@dataclass
+class Figure:
+    """One figure of the report, or the reason it is not drawn."""
+
+    name: str
+    title: str
+    caption: str
+    fig: Any = None
+    note: str = ""
+    table: dict[str, float] | None = None
+    """Numbers behind the figure that the Markdown report lists (importances)."""
 
 
-def _axes(parts: list[str], x: Scale, y: Scale, box: tuple[float, float, float, float],
-          xlabel: str, ylabel: str) -> None:
-    left, top, right, bottom = box
-    parts.append(f'<rect x="{left}" y="{top}" width="{right - left}" height="{bottom - top}" '
-                 'fill="#fafafa" stroke="#888"/>')
-    for v, label in x.ticks():
-        px = x(v)
-        parts.append(f'<line x1="{px:.1f}" y1="{top}" x2="{px:.1f}" y2="{bottom}" stroke="#e3e3e3"/>')
-        parts.append(f'<text x="{px:.1f}" y="{bottom + 15}" text-anchor="middle">{label}</text>')
-    for v, label in y.ticks():
-        py = y(v)
-        parts.append(f'<line x1="{left}" y1="{py:.1f}" x2="{right}" y2="{py:.1f}" stroke="#e3e3e3"/>')
-        parts.append(f'<text x="{left - 6}" y="{py + 4:.1f}" text-anchor="end">{label}</text>')
-    parts.append(f'<text x="{(left + right) / 2}" y="{bottom + 34}" text-anchor="middle">'
-                 f'{html.escape(xlabel)}</text>')
-    parts.append(f'<text x="14" y="{(top + bottom) / 2}" text-anchor="middle" '
-                 f'transform="rotate(-90 14 {(top + bottom) / 2})">{html.escape(ylabel)}</text>')
+# --------------------------------------------------------------------------- the Optuna study
 
 
-def _color_scale(value: float, lo: float, hi: float, higher_is_better: bool) -> str:
-    """Red (worst) → yellow → green (best)."""
-    t = 0.5 if hi - lo < 1e-12 else (value - lo) / (hi - lo)
-    t = t if higher_is_better else 1 - t
-    stops = [(0.0, (215, 48, 39)), (0.5, (254, 224, 139)), (1.0, (26, 152, 80))]
-    for (t0, c0), (t1, c1) in zip(stops, stops[1:], strict=False):
-        if t <= t1:
-            f = (t - t0) / (t1 - t0)
-            rgb = [round(a + (b - a) * f) for a, b in zip(c0, c1, strict=True)]
-            return "#" + "".join(f"{c:02x}" for c in rgb)
-    return "#1a9850"
+def category(value: Any) -> str:
+    """A choice/grid value as its category: Optuna plots numeric choices on a linear axis, where
+    weight decay 0 and 0.01 would overlap; as strings they get one slot each."""
+    return fmt_value(value)
 
 
-def _marker(t: TrialSummary, px: float, py: float, color: str, r: float = 5.0) -> str:
-    if t.status == "stopped early":
-        return (f'<path d="M{px - r:.1f},{py - r:.1f} L{px + r:.1f},{py + r:.1f} M{px - r:.1f},{py + r:.1f} '
-                f'L{px + r:.1f},{py - r:.1f}" stroke="{color}" stroke-width="2.5"/>')
-    if t.status == "error":
-        return f'<rect x="{px - r:.1f}" y="{py - r:.1f}" width="{2 * r}" height="{2 * r}" fill="{color}"/>'
-    return f'<circle cx="{px:.1f}" cy="{py:.1f}" r="{r}" fill="{color}" stroke="#333"/>'
+def distributions(exp: ExperimentSummary) -> dict[str, Any]:
+    """tune.space as Optuna distributions: log axes for loguniform, categories for choice/grid."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    out: dict[str, Any] = {}
+    for key, spec in exp.space.items():
+        kind = spec.get("type")
+        if kind in ("loguniform", "uniform"):
+            out[key] = FloatDistribution(float(spec["low"]), float(spec["high"]), log=kind == "loguniform")
+        elif kind in ("choice", "grid"):
+            names = list(dict.fromkeys(category(v) for v in spec["values"]))
+            out[key] = CategoricalDistribution(names)
+    return out
 
 
-def _is_log_key(exp: ExperimentSummary, key: str) -> bool:
-    """Learning rates and anything sampled log-uniformly or spanning 10× and more go on a log axis."""
-    spec = exp.space.get(key, {})
-    if spec.get("type") == "loguniform" or key.endswith(".lr"):
-        return True
-    vals = [v for v in spec.get("values", []) if isinstance(v, (int, float))]
-    return bool(vals) and min(vals) > 0 and max(vals) / min(vals) >= 10
+def _when(ts: float | None) -> datetime.datetime | None:
+    return None if ts is None else datetime.datetime.fromtimestamp(ts)
 
 
-def plot_space(exp: ExperimentSummary, xkey: str, ykey: str | None) -> str:
-    """Best metric of every trial over two searched keys (lr × wd), colour = metric."""
-    w, h = 560, 430
-    box = (70, 40, 440, 350)
-    trials = [t for t in exp.trials if t.best_value is not None and xkey in t.params]
-    parts = _svg_open(w, h, f"best {exp.metric} over {short_key(xkey)}"
-                      + (f" × {short_key(ykey)}" if ykey else ""))
-    xs = [float(t.params[xkey]) for t in trials]
-    ys = [float(t.params[ykey]) for t in trials] if ykey else [t.best_value for t in trials]
-    x = Scale(xs, box[0], box[2], log=_is_log_key(exp, xkey), pad=0.1)
-    y = Scale(ys, box[3], box[1], log=bool(ykey) and _is_log_key(exp, ykey), pad=0.12)
-    _axes(parts, x, y, box, short_key(xkey) + (" (log)" if x.log else ""),
-          short_key(ykey) if ykey else exp.metric)
-    values = [t.best_value for t in trials]
-    lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
-    best_id = (exp.best or {}).get("trial_id")
-    labels: list[tuple[float, float]] = []
-    sign = -1.0 if exp.mode == "max" else 1.0  # best first: its value label wins where points crowd
-    for t, xv, yv in sorted(zip(trials, xs, ys, strict=True), key=lambda p: sign * p[0].best_value):
-        px, py = x(xv), y(yv)
-        color = _color_scale(t.best_value, lo, hi, exp.mode == "max")
-        if t.trial_id == best_id:
-            parts.append(f'<circle cx="{px:.1f}" cy="{py:.1f}" r="11" fill="none" stroke="#000" '
-                         'stroke-width="2"/>')
-        parts.append(_marker(t, px, py, color, 7))
-        if all(abs(px - lx) > 34 or abs(py - ly) > 12 for lx, ly in labels):  # no overlapping labels
-            labels.append((px, py))
-            parts.append(f'<text x="{px + 10:.1f}" y="{py - 8:.1f}" font-size="10">{t.best_value:.3f}</text>')
-    # colour bar
-    for i in range(50):
-        v = lo + (hi - lo) * i / 49
-        parts.append(f'<rect x="470" y="{340 - i * 5.6:.1f}" width="16" height="6" '
-                     f'fill="{_color_scale(v, lo, hi, exp.mode == "max")}"/>')
-    parts.append(f'<text x="492" y="344">{lo:.3f}</text><text x="492" y="72">{hi:.3f}</text>')
-    parts.append(f'<text x="470" y="58" font-size="11">{html.escape(exp.metric)}</text>')
-    _legend_markers(parts, 455, 398)
-    parts.append("</svg>")
-    return "\n".join(parts)
+def frozen_trial(t: TrialSummary, dists: dict[str, Any]) -> Any:
+    """One Tune trial as an Optuna FrozenTrial (None when its values are outside the space)."""
+    from optuna.trial import TrialState, create_trial
+
+    state = {"done": TrialState.COMPLETE, "stopped early": TrialState.PRUNED,
+             "error": TrialState.FAIL}.get(t.status, TrialState.RUNNING)
+    if state == TrialState.COMPLETE and t.best_value is None:
+        state = TrialState.FAIL
+    params = {k: category(t.params[k]) if hasattr(dists[k], "choices") else t.params[k]
+              for k in dists if k in t.params}
+    if len(params) != len(dists):
+        return None
+    start, end = _when(t.started), _when(t.ended)
+    if state != TrialState.RUNNING and start is not None and end is None:
+        end = start
+    try:
+        trial = create_trial(
+            state=state, value=t.best_value if state == TrialState.COMPLETE else None,
+            params=params, distributions={k: dists[k] for k in params},
+            intermediate_values={s: v for s, (_, v) in zip(t.steps, t.curve, strict=False)},
+            user_attrs={"trial_id": t.trial_id, "status": t.status})
+    except ValueError:  # a value the space does not contain (the space was edited after the search)
+        return None
+    if start is not None:  # create_trial stamps "now"; the timeline needs the real times
+        trial.datetime_start = start
+        trial.datetime_complete = None if state == TrialState.RUNNING else end
+    trial.set_user_attr("timed", start is not None)
+    return trial
 
 
-def _legend_markers(parts: list[str], x0: float, y0: float) -> None:
-    parts.append(f'<circle cx="{x0 - 380}" cy="{y0 + 10}" r="5" fill="#999" stroke="#333"/>'
-                 f'<text x="{x0 - 370}" y="{y0 + 14}" font-size="11">done</text>')
-    parts.append(f'<path d="M{x0 - 320},{y0 + 5} l10,10 m-10,0 l10,-10" stroke="#999" stroke-width="2.5"/>'
-                 f'<text x="{x0 - 305}" y="{y0 + 14}" font-size="11">stopped early</text>')
-    parts.append(f'<circle cx="{x0 - 215}" cy="{y0 + 10}" r="8" fill="none" stroke="#000" stroke-width="2"/>'
-                 f'<text x="{x0 - 202}" y="{y0 + 14}" font-size="11">best</text>')
+def build_study(exp: ExperimentSummary) -> Any:
+    """The experiment's trials in an in-memory Optuna study, in the order they started."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize" if exp.mode == "max" else "minimize",
+                                study_name=exp.name)
+    dists = distributions(exp)
+    trials = sorted(exp.trials, key=lambda t: (t.started is None, t.started or 0.0, t.trial_id))
+    study.add_trials([ft for ft in (frozen_trial(t, dists) for t in trials) if ft is not None])
+    return study
 
 
-def plot_curves(exp: ExperimentSummary) -> str:
-    """Metric vs epoch for every trial; × marks where ASHA stopped a trial."""
-    w, h = 720, 440
-    box = (70, 40, 520, 370)
-    trials = [t for t in sorted_trials(exp) if t.curve]
-    parts = _svg_open(w, h, f"learning curves ({exp.metric} per evaluation)")
-    xs = [e for t in trials for e, _ in t.curve] + [0.0, exp.max_epochs]
-    ys = [v for t in trials for _, v in t.curve]
-    x = Scale(xs, box[0], box[2], pad=0.02, floor=0.0)
-    y = Scale(ys, box[3], box[1], pad=0.08)
-    _axes(parts, x, y, box, "epoch", exp.metric)
-    keys = list(exp.space)[:2]
-    for i, t in enumerate(trials):
-        color = PALETTE[i % len(PALETTE)]
-        pts = " ".join(f"{x(e):.1f},{y(v):.1f}" for e, v in t.curve)
-        parts.append(f'<polyline points="{pts}" fill="none" stroke="{color}" stroke-width="2"/>')
-        for e, v in t.curve[:-1]:
-            parts.append(f'<circle cx="{x(e):.1f}" cy="{y(v):.1f}" r="2.5" fill="{color}"/>')
-        e, v = t.curve[-1]
-        parts.append(_marker(t, x(e), y(v), color, 5))
-        ly = 52 + i * 18
-        if ly < h - 10:
-            label = f"{t.trial_id} " + " ".join(f"{short_key(k)}={fmt_value(t.params.get(k, ''))}" for k in keys)
-            parts.append(f'<line x1="532" y1="{ly - 4}" x2="550" y2="{ly - 4}" stroke="{color}" stroke-width="3"/>'
-                         f'<text x="555" y="{ly}" font-size="10">{html.escape(label)}</text>')
-    parts.append(f'<circle cx="80" cy="{h - 12}" r="4" fill="#999" stroke="#333"/>'
-                 f'<text x="88" y="{h - 8}" font-size="11">finished</text>'
-                 f'<path d="M150,{h - 16} l8,8 m-8,0 l8,-8" stroke="#999" stroke-width="2.5"/>'
-                 f'<text x="164" y="{h - 8}" font-size="11">stopped early{" by " + exp.scheduler.upper() if exp.scheduler == "asha" else ""}</text>')
-    parts.append("</svg>")
-    return "\n".join(parts)
+@contextlib.contextmanager
+def _value_scale() -> Iterator[None]:
+    """Optuna colours by its module-level COLOR_SCALE (Blues): swap in Viridis while plotting."""
+    import plotly.colors
+    from optuna.visualization import _contour, _parallel_coordinate
+
+    modules = [m for m in (_parallel_coordinate, _contour) if hasattr(m, "COLOR_SCALE")]
+    saved = [m.COLOR_SCALE for m in modules]
+    viridis = plotly.colors.convert_colors_to_same_type(plotly.colors.sequential.Viridis, "rgb")[0]
+    for m in modules:
+        m.COLOR_SCALE = viridis  # Optuna interpolates between "rgb(r, g, b)" strings
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Optuna's ExperimentalWarning, few-trial warnings
+            yield
+    finally:
+        for m, scale in zip(modules, saved, strict=True):
+            m.COLOR_SCALE = scale
 
 
-def plot_metric_vs(exp: ExperimentSummary, key: str) -> str:
-    """Best metric of each trial against one searched key (lr)."""
-    return plot_space(exp, key, None).replace(
-        f"best {exp.metric} over {short_key(key)}", f"best {exp.metric} vs {short_key(key)}", 1)
+# --------------------------------------------------------------------------- plotly figures
 
 
-def make_plots(exp: ExperimentSummary) -> dict[str, tuple[str, str]]:
-    """name → (caption, svg text)."""
+def hover_text(exp: ExperimentSummary, t: TrialSummary, value: float | None, at: str) -> str:
+    """Every parameter, the metric and the status of a trial, for its hover box."""
+    lines = [f"<b>trial {t.trial_id}</b> ({STATUS_STYLE[t.status][0]})"]
+    lines += [f"{k} = {fmt_value(t.params.get(k, ''))}" for k in exp.space]
+    if value is not None:
+        lines.append(f"{exp.metric} = {value:.4f} {at}")
+    return "<br>".join(lines)
+
+
+def _axis(exp: ExperimentSummary, key: str) -> dict[str, Any]:
+    kind = exp.space_types.get(key)
+    if kind == "loguniform":
+        return {"type": "log"}
+    if kind in ("choice", "grid"):
+        return {"type": "category", "categoryorder": "array",
+                "categoryarray": [fmt_value(v) for v in exp.space[key].get("values", [])]}
+    return {"type": "linear"}
+
+
+def _x(exp: ExperimentSummary, key: str, value: Any) -> Any:
+    return fmt_value(value) if exp.space_types.get(key) in ("choice", "grid") else value
+
+
+def plot_metric_per_key(exp: ExperimentSummary) -> go.Figure:
+    """The metric against each searched key; finished and stopped trials as separate series."""
     keys = list(exp.space)
-    numeric = [k for k in keys if any(isinstance(t.params.get(k), (int, float))
-                                      and not isinstance(t.params.get(k), bool) for t in exp.trials)]
-    xkey = "train.lr" if "train.lr" in numeric else (numeric[0] if numeric else None)
-    ykey = "train.weight_decay" if "train.weight_decay" in numeric and xkey != "train.weight_decay" else \
-        next((k for k in numeric if k != xkey), None)
-    plots: dict[str, tuple[str, str]] = {}
-    if xkey and ykey:
-        plots["space"] = (f"Best {exp.metric} of each trial over {short_key(xkey)} × {short_key(ykey)} "
-                          "(green is better; the ringed point is the best trial).", plot_space(exp, xkey, ykey))
-    plots["curves"] = (f"{exp.metric} at every evaluation of every trial; × marks a trial stopped early.",
-                       plot_curves(exp))
-    if xkey:
-        plots["metric_vs_" + short_key(xkey)] = (f"Best {exp.metric} against {short_key(xkey)}.",
-                                                 plot_metric_vs(exp, xkey))
-    return plots
+    fig = make_subplots(rows=1, cols=len(keys), shared_yaxes=True, horizontal_spacing=0.04,
+                        subplot_titles=[short_key(k) for k in keys])
+    best_id = (exp.best or {}).get("trial_id")
+    for col, key in enumerate(keys, start=1):
+        for status in ("done", "stopped early", "unfinished"):
+            group = [t for t in exp.trials if t.status == status and t.curve and key in t.params]
+            if not group:
+                continue
+            label, colour, symbol = STATUS_STYLE[status]
+            at = "(best evaluation)" if status == "done" else "(at its last evaluation)"
+            values = [t.best_value if status == "done" else t.curve[-1][1] for t in group]
+            fig.add_trace(go.Scatter(
+                x=[_x(exp, key, t.params[key]) for t in group], y=values, mode="markers",
+                name=label + ("" if status == "done" else " (value when stopped)"), legendgroup=status,
+                showlegend=col == 1,
+                marker={"color": colour, "symbol": symbol, "size": 10, "opacity": 0.85,
+                        "line": {"width": [3 if t.trial_id == best_id else 1 for t in group],
+                                 "color": ["#000000" if t.trial_id == best_id else "#333333" for t in group]}},
+                hovertext=[hover_text(exp, t, v, at) for t, v in zip(group, values, strict=True)],
+                hoverinfo="text"), row=1, col=col)
+        fig.update_xaxes(title_text=short_key(key), row=1, col=col, **_axis(exp, key))
+    fig.update_yaxes(title_text=exp.metric, row=1, col=1)
+    fig.update_layout(height=420, hovermode="closest", legend={"orientation": "h", "y": -0.22},
+                      margin={"t": 40})
+    return fig
+
+
+def plot_learning_curves(exp: ExperimentSummary) -> go.Figure:
+    """The metric at every evaluation of every trial over epochs; × where a trial was stopped."""
+    fig = go.Figure()
+    best_id = (exp.best or {}).get("trial_id")
+    shown: set[str] = set()
+    for t in sorted(exp.trials, key=lambda t: t.status != "done"):
+        if not t.curve:
+            continue
+        label, colour, symbol = STATUS_STYLE[t.status]
+        epochs, values = [e for e, _ in t.curve], [v for _, v in t.curve]
+        stopped = t.status == "stopped early"
+        fig.add_trace(go.Scatter(
+            x=epochs, y=values, mode="lines+markers", name=label, legendgroup=t.status,
+            showlegend=t.status not in shown,
+            line={"color": "#000000" if t.trial_id == best_id else colour,
+                  "width": 3 if t.trial_id == best_id else 1.5, "dash": "dot" if stopped else "solid"},
+            marker={"symbol": ["circle"] * (len(epochs) - 1) + [symbol], "color": colour,
+                    "size": [5] * (len(epochs) - 1) + [12 if stopped else 7]},
+            hovertext=[hover_text(exp, t, v, f"at epoch {e:.2f}") for e, v in t.curve],
+            hoverinfo="text"))
+        shown.add(t.status)
+    for rung in exp.rungs:
+        fig.add_vline(x=rung, line={"color": "#888888", "dash": "dash", "width": 1},
+                      annotation_text=f"rung {rung:g}", annotation_position="top")
+    fig.update_layout(height=430, xaxis_title="epoch", yaxis_title=exp.metric, hovermode="closest",
+                      legend={"orientation": "h", "y": -0.2}, margin={"t": 40})
+    return fig
+
+
+def plot_seeds(exp: ExperimentSummary) -> go.Figure:
+    """Each confirmed configuration's value per seed, with mean ± one standard deviation."""
+    fig = go.Figure()
+    names = [f"#{c.rank} {c.source}" for c in exp.confirm]
+    for c, name in zip(exp.confirm, names, strict=True):
+        params = "<br>".join(f"{k} = {fmt_value(v)}" for k, v in c.params.items())
+        fig.add_trace(go.Scatter(
+            x=[name] * len(c.values), y=c.values, mode="markers", showlegend=False,
+            marker={"color": "#0072B2", "size": 9, "opacity": 0.8},
+            hovertext=[f"<b>{name}</b> seed {s}<br>{params}<br>{exp.metric} = {v:.4f}"
+                       for s, v in zip(c.seeds, c.values, strict=True)], hoverinfo="text"))
+    fig.add_trace(go.Scatter(
+        x=names, y=[c.mean for c in exp.confirm], mode="markers", name="mean ± std",
+        marker={"symbol": "line-ew", "size": 30, "line": {"width": 3, "color": "#D55E00"}},
+        error_y={"type": "data", "array": [c.spread for c in exp.confirm], "color": "#D55E00"},
+        hoverinfo="skip"))
+    fig.update_layout(height=380, xaxis_title="configuration (rank, source trial)",
+                      yaxis_title=exp.metric, hovermode="closest", margin={"t": 30})
+    return fig
+
+
+# --------------------------------------------------------------------------- Optuna's figures
+
+
+def _restyle_timeline(fig: go.Figure) -> go.Figure:
+    names = {"COMPLETE": "done", "PRUNED": "stopped early", "FAIL": "error", "RUNNING": "unfinished"}
+    for trace in fig.data:
+        status = names.get(trace.name)
+        if status:
+            label, colour, _ = STATUS_STYLE[status]
+            trace.update(name=label, marker={"color": colour},
+                         hovertemplate=f"%{{text}}<extra>{label}</extra>")
+    return fig
+
+
+def importance_figure(exp: ExperimentSummary, study: Any, finished: int) -> Figure:
+    """Parameter importances by PED-ANOVA, or why there are too few trials for them."""
+    import optuna
+    from optuna.importance import PedAnovaImportanceEvaluator
+
+    caption = ("PED-ANOVA importance (Watanabe et al. 2023, Optuna's default): how much each key "
+               "decides whether a finished trial lands in the top quantile of "
+               f"{exp.metric}. Chosen over fANOVA and mean decrease in impurity, which fit a "
+               "random forest (scikit-learn, not a dependency here) on a few dozen points at "
+               "best; PED-ANOVA is closed-form over Parzen estimators and made for the top of a "
+               "small search. Stopped and errored trials are left out.")
+    fig = Figure("importance", "Parameter importance", caption)
+    if len(exp.space) < 2:
+        fig.note = "Only one key is searched: there is nothing to rank."
+        return fig
+    if finished < MIN_IMPORTANCE_TRIALS:
+        fig.note = (f"Too few finished trials for importances: {finished} finished, "
+                    f"PED-ANOVA needs at least {MIN_IMPORTANCE_TRIALS} here.")
+        return fig
+    # the top quantile holds at least 3 finished trials (default 0.1 is sized for hundreds)
+    quantile = min(0.5, max(0.1, 3 / finished))
+    evaluator = PedAnovaImportanceEvaluator(target_quantile=quantile)
+    fig.caption += f" Top quantile: {quantile:.2f} of {finished} finished trials."
+    fig.table = {k: float(v) for k, v in
+                 optuna.importance.get_param_importances(study, evaluator=evaluator).items()}
+    fig.fig = optuna.visualization.plot_param_importances(study, evaluator=evaluator,
+                                                          target_name=exp.metric)
+    fig.fig.update_traces(marker_color="#0072B2")
+    fig.fig.update_layout(height=160 + 60 * len(exp.space))
+    return fig
+
+
+def optuna_figures(exp: ExperimentSummary, study: Any) -> list[Figure]:
+    """Parallel coordinate, contour, importance and timeline from the study (or why not)."""
+    import optuna.visualization as ov
+    from optuna.trial import TrialState
+
+    finished = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    figs = []
+    par = Figure("parallel", "Parallel coordinates",
+                 f"Every finished trial as one line through its values; colour = best {exp.metric} "
+                 "(Viridis). Stopped trials are left out: their value is from the rung where "
+                 "ASHA cut them.")
+    contour = Figure("contour", "Contour per pair of keys",
+                     f"Best {exp.metric} interpolated between finished trials (dots) for each pair "
+                     "of searched keys; log axes for log-uniform keys, categories for choice/grid.")
+    with _value_scale():
+        if finished >= 2:
+            par.fig = ov.plot_parallel_coordinate(study, target_name=exp.metric)
+        else:
+            par.note = f"Needs at least 2 finished trials; {finished} finished."
+        if len(exp.space) < 2:
+            contour.note = "Only one key is searched: see the metric per key above."
+        elif finished >= 3:
+            contour.fig = ov.plot_contour(study, target_name=exp.metric)
+            contour.fig.update_traces(colorscale=VALUE_SCALE, selector={"type": "contour"})
+            if len(exp.space) > 2:  # a matrix of pairs: give each row room
+                contour.fig.update_layout(height=260 * len(exp.space))
+        else:
+            contour.note = f"Needs at least 3 finished trials; {finished} finished."
+        figs += [par, contour, importance_figure(exp, study, finished)]
+        timeline = Figure("timeline", "Timeline",
+                          "When each trial ran, coloured by how it ended (hover: its parameters).")
+        trials = study.get_trials(deepcopy=False)
+        timed = [t for t in trials if t.user_attrs.get("timed")]
+        if timed and len(timed) == len(trials):
+            timeline.fig = _restyle_timeline(ov.plot_timeline(study))
+        else:
+            timeline.note = (f"{len(timed)} of {len(trials)} trials recorded when they ran "
+                             "(events.jsonl without times): no timeline.")
+        figs.append(timeline)
+    for f in figs:
+        if f.fig is not None:
+            f.fig.update_layout(title=None, margin={"t": 30})
+    return figs
+
+
+def make_figures(exp: ExperimentSummary) -> list[Figure]:
+    """Every figure of the report, in the order it shows them."""
+    figs = []
+    with_curve = [t for t in exp.trials if t.curve]
+    per_key = Figure("metric_per_key", f"{exp.metric} per searched key",
+                     f"Best {exp.metric} of each finished trial (blue ●), and the value at which "
+                     "each stopped trial was cut (orange ×, not a final value); the best trial "
+                     "has a thick outline.")
+    curves = Figure("curves", "Learning curves",
+                    f"{exp.metric} at every evaluation; dotted with × at the end: stopped early"
+                    + (f" by ASHA (dashed lines: its rungs at epochs {', '.join(f'{r:g}' for r in exp.rungs)})"
+                       if exp.rungs else "") + "; black: the best trial.")
+    if with_curve and exp.space:
+        per_key.fig = plot_metric_per_key(exp)
+        curves.fig = plot_learning_curves(exp)
+    else:
+        per_key.note = curves.note = "No trial has reported an evaluation yet."
+    figs += [per_key, curves]
+    if exp.space:
+        figs += optuna_figures(exp, build_study(exp))
+    if exp.confirm:
+        seeds = Figure("seeds", "Seed noise", f"{exp.metric} of each confirmed configuration for "
+                       "every seed (the search's own run is the first), with mean ± one standard "
+                       "deviation.", plot_seeds(exp))
+        figs.append(seeds)
+    return figs
+

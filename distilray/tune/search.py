@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,11 +32,13 @@ from ray.util.placement_group import PlacementGroup, placement_group_table, remo
 
 from distilray.config import Config, apply_overrides, config_from_dict, config_to_dict, dump_config
 from distilray.distill.objective import objective_for
-from distilray.errors import ClusterError, ConfigError, RunFailed
-from distilray.runtime import DATA_CPUS, connect_ray
+from distilray.errors import ClusterError, ConfigError, DistilrayError, RunFailed
+from distilray.runtime import DATA_CPUS, connect_ray, local_cpus
 from distilray.train.run import default_run_name, fit, preflight, prepare_run, read_metrics
 from distilray.tune.experiment import (
     CONFIG_FILE,
+    CONFIRM_DIR,
+    CONFIRM_KEY,
     EVENTS_FILE,
     RUNS_DIR,
     Experiment,
@@ -46,7 +49,14 @@ from distilray.tune.experiment import (
     trial_config,
 )
 from distilray.tune.report import write_report
-from distilray.tune.space import check_tune_config, count_trials, max_epochs, space_extremes
+from distilray.tune.space import (
+    asha_rungs,
+    check_tune_config,
+    count_trials,
+    max_epochs,
+    space_extremes,
+)
+from distilray.tune.summary import plan_confirmation, summarise_trials
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +105,7 @@ def make_scheduler(cfg: Config):
 def make_search_alg(cfg: Config):
     tc = cfg.tune
     if tc.search_alg == "optuna":
-        try:
-            import optuna  # an optional extra: imported only when asked for
-        except ImportError:
-            raise ConfigError("tune.search_alg=optuna needs Optuna: pip install 'distilray[optuna]'") from None
+        import optuna
         from ray.tune.search.optuna import OptunaSearch
 
         return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=tc.seed))
@@ -123,6 +130,8 @@ class TrialReportCallback(TuneReportCallback):
 def run_trial(params: dict[str, Any], base: dict[str, Any], exp_dir: str) -> None:
     """One Tune trial: the driver of one `distilray train` run with the trial's values."""
     trial_id = tune.get_context().get_trial_id()
+    if CONFIRM_KEY in params:  # a seed-confirmation run: a top configuration with another seed
+        params = dict(params[CONFIRM_KEY]["params"])
     cfg = trial_config(config_from_dict(base), params, exp_dir, trial_id)
     objective = objective_for(cfg)  # a distillation search trains students
     run = prepare_run(cfg, objective)
@@ -241,73 +250,159 @@ class Progress(Callback):
 # --------------------------------------------------------------------------- driver
 
 
-def preflight_cluster(cfg: Config) -> Config:
-    """Refuse trials no node (or the whole cluster) can ever hold, before any trial starts.
-
-    Returns cfg with tune.max_concurrent_trials lowered to what the cluster holds at once,
-    keeping DATA_CPUS free: trials whose Ray Data tasks find no CPU would wait forever.
-    """
+def trial_resources(cfg: Config) -> dict[str, Any]:
+    """What the largest trial of the space asks for: its workers, CPUs and GPUs, and in all."""
     tc, tn = cfg.train, cfg.tune
     workers = max([tc.num_workers, *space_extremes(cfg, "train.num_workers")])
     cpus = max([tc.cpus_per_worker, *space_extremes(cfg, "train.cpus_per_worker")])
     use_gpu = any([tc.use_gpu, *space_extremes(cfg, "train.use_gpu")])
     gpus = max([tc.gpus_per_worker, *space_extremes(cfg, "train.gpus_per_worker")]) if use_gpu else 0.0
-    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    return {"workers": workers, "cpus_per_worker": cpus, "gpus_per_worker": gpus, "use_gpu": use_gpu,
+            "driver_cpus": tn.driver_cpus, "trial_cpus": tn.driver_cpus + workers * cpus,
+            "trial_gpus": workers * gpus}
+
+
+def cluster_fit(cfg: Config, nodes: list[Mapping[str, float]]) -> tuple[list[str], dict[str, Any]]:
+    """Every reason no trial can run on these nodes, and how many trials they hold at once.
+
+    Keeps DATA_CPUS free: trials whose Ray Data tasks find no CPU would wait forever.
+    """
+    res = trial_resources(cfg)
+    cpus, gpus, need = res["cpus_per_worker"], res["gpus_per_worker"], res["trial_cpus"]
     biggest_cpu = max((n.get("CPU", 0.0) for n in nodes), default=0.0)
     biggest_gpu = max((n.get("GPU", 0.0) for n in nodes), default=0.0)
+    total_cpu, total_gpu = sum(n.get("CPU", 0.0) for n in nodes), sum(n.get("GPU", 0.0) for n in nodes)
+    problems = []
     if not any(n.get("CPU", 0.0) >= cpus and n.get("GPU", 0.0) >= gpus for n in nodes):
-        raise ClusterError(
+        problems.append(
             f"a trial worker needs {cpus:g} CPU" + (f" + {gpus:g} GPU" if gpus else "") +
             f" (train.cpus_per_worker{', train.gpus_per_worker' if gpus else ''}) but no node has that "
             f"much (largest: {biggest_cpu:g} CPU, {biggest_gpu:g} GPU); lower it or add bigger nodes")
-    if not any(n.get("CPU", 0.0) >= tn.driver_cpus for n in nodes):
-        raise ClusterError(f"tune.driver_cpus={tn.driver_cpus:g} but no node has that many CPUs "
-                           f"(largest: {biggest_cpu:g}); lower tune.driver_cpus")
-    total = ray.cluster_resources()
-    total_cpu, total_gpu = total.get("CPU", 0.0), total.get("GPU", 0.0)
-    need = tn.driver_cpus + workers * cpus
+    if not any(n.get("CPU", 0.0) >= res["driver_cpus"] for n in nodes):
+        problems.append(f"tune.driver_cpus={res['driver_cpus']:g} but no node has that many CPUs "
+                        f"(largest: {biggest_cpu:g}); lower tune.driver_cpus")
     if need + DATA_CPUS > total_cpu:
-        raise ClusterError(
-            f"one trial needs {need:g} CPUs (tune.driver_cpus={tn.driver_cpus:g} + {workers} workers × "
-            f"{cpus:g}) + {DATA_CPUS:g} for Ray Data's tokenising tasks but the cluster has {total_cpu:g}; "
-            "use fewer or smaller workers per trial")
-    worst = apply_overrides(cfg, {"train.num_workers": workers, "train.cpus_per_worker": cpus,
-                                  "train.use_gpu": use_gpu,
-                                  "train.gpus_per_worker": gpus or tc.gpus_per_worker})
-    preflight(worst, cfg.tune.storage_path)
-    fits = int((total_cpu - DATA_CPUS) // need)
+        problems.append(
+            f"one trial needs {need:g} CPUs (tune.driver_cpus={res['driver_cpus']:g} + {res['workers']} "
+            f"workers × {cpus:g}) + {DATA_CPUS:g} for Ray Data's tokenising tasks but the cluster has "
+            f"{total_cpu:g}; use fewer or smaller workers per trial")
+    fits = max(0, int((total_cpu - DATA_CPUS) // need)) if need > 0 else cfg.tune.max_concurrent_trials
     if gpus:
-        fits = min(fits, int(total_gpu // (workers * gpus)))
+        fits = min(fits, int(total_gpu // res["trial_gpus"]))
+    return problems, {**res, "fits": fits, "cluster_cpus": total_cpu, "cluster_gpus": total_gpu,
+                      "nodes": len(nodes)}
+
+
+def preflight_cluster(cfg: Config) -> Config:
+    """Refuse trials no node (or the whole cluster) can ever hold, before any trial starts.
+
+    Returns cfg with tune.max_concurrent_trials lowered to what the cluster holds at once.
+    """
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    problems, fit = cluster_fit(cfg, nodes)
+    if problems:
+        raise ClusterError("; ".join(problems))
+    worst = apply_overrides(cfg, {"train.num_workers": fit["workers"], "train.cpus_per_worker": fit["cpus_per_worker"],
+                                  "train.use_gpu": fit["use_gpu"],
+                                  "train.gpus_per_worker": fit["gpus_per_worker"] or cfg.train.gpus_per_worker})
+    preflight(worst, cfg.tune.storage_path)
+    fits, tn = fit["fits"], cfg.tune
     if tn.max_concurrent_trials > fits:
         log.warning("tune.max_concurrent_trials=%d: the cluster (%g CPUs, %g GPUs) holds %d trials of %g CPUs%s "
                     "at once with %g CPU left for Ray Data; running %d at a time", tn.max_concurrent_trials,
-                    total_cpu, total_gpu, fits, need, f" + {workers * gpus:g} GPUs" if gpus else "",
-                    DATA_CPUS, fits)
+                    fit["cluster_cpus"], fit["cluster_gpus"], fits, fit["trial_cpus"],
+                    f" + {fit['trial_gpus']:g} GPUs" if fit["trial_gpus"] else "", DATA_CPUS, fits)
         return apply_overrides(cfg, {"tune.max_concurrent_trials": fits})
     return cfg
+
+
+def _named(cfg: Config) -> Experiment:
+    name = cfg.tune.name or default_run_name().replace("distilray-", "tune-")
+    cfg = absolutize_paths(dataclasses.replace(cfg, tune=dataclasses.replace(cfg.tune, name=name)))
+    return Experiment(name, Path(cfg.tune.storage_path) / name, cfg)
+
+
+def _exists_problem(exp: Experiment) -> str | None:
+    if not (exp.dir / CONFIG_FILE).exists():
+        return None
+    return (f"experiment {exp.dir} already exists; continue it with `distilray tune --resume {exp.name} "
+            f"--storage-path {exp.cfg.tune.storage_path}` or choose another tune.name")
 
 
 def new_experiment(cfg: Config) -> Experiment:
     """Validate everything that can be checked without Ray, then lay out the experiment directory."""
     check_tune_config(cfg)
-    name = cfg.tune.name or default_run_name().replace("distilray-", "tune-")
-    cfg = absolutize_paths(dataclasses.replace(cfg, tune=dataclasses.replace(cfg.tune, name=name)))
-    exp_dir = Path(cfg.tune.storage_path) / name
-    if (exp_dir / CONFIG_FILE).exists():
-        raise ConfigError(f"experiment {exp_dir} already exists; continue it with "
-                          f"`distilray tune --resume {name} --storage-path {cfg.tune.storage_path}` "
-                          "or choose another tune.name")
+    exp = _named(cfg)
+    problem = _exists_problem(exp)
+    if problem:
+        raise ConfigError(problem)
     # Model, data and step arithmetic of the base config (and so of every trial) fail here.
-    prepare_run(trial_config(cfg, {}, str(exp_dir), "preflight"), objective_for(cfg))
-    return Experiment(name, exp_dir, cfg)
+    prepare_run(trial_config(exp.cfg, {}, str(exp.dir), "preflight"), objective_for(exp.cfg))
+    return exp
+
+
+def dry_run_cluster(cfg: Config) -> tuple[list[dict[str, float]], str]:
+    """The nodes a run would get: RAY_ADDRESS's cluster, else the private local Ray it would start."""
+    if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
+        connect_ray()
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        return nodes, f"the running cluster ({len(nodes)} node(s))"
+    import torch
+
+    cpus = local_cpus(cfg.tune.driver_cpus + cfg.train.num_workers * cfg.train.cpus_per_worker)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return [{"CPU": float(cpus), "GPU": float(gpus)}], (
+        f"a private local Ray on this machine ({cpus} logical CPUs on {os.cpu_count()} cores, {gpus} GPU(s);"
+        " set RAY_ADDRESS to plan for a cluster)")
+
+
+def dry_run_plan(cfg: Config, resume: str | None = None) -> dict[str, Any]:
+    """Check config, space, data, model and cluster fit without starting a trial; every problem at once."""
+    exp = load_experiment(resume, cfg.tune.storage_path) if resume else _named(cfg)
+    problems: list[str] = []
+    try:
+        check_tune_config(exp.cfg)
+    except ConfigError as exc:
+        problems += exc.problems
+    if not resume and _exists_problem(exp):
+        problems.append(_exists_problem(exp))
+    steps: dict[str, Any] = {}
+    try:
+        run = prepare_run(trial_config(exp.cfg, {}, str(exp.dir), "preflight"), objective_for(exp.cfg))
+        steps = {"steps_per_epoch": run.plan.steps_per_epoch, "total_steps": run.plan.total_steps,
+                 "train_rows": run.splits.train.num_rows, "eval_rows": run.splits.eval.num_rows}
+    except DistilrayError as exc:
+        problems += getattr(exc, "problems", None) or [str(exc)]
+    fit: dict[str, Any] = {}
+    if not problems or all(not p.startswith("tune.space") for p in problems):
+        nodes, where = dry_run_cluster(exp.cfg)
+        fit_problems, fit = cluster_fit(exp.cfg, nodes)
+        problems += fit_problems
+        fit["where"] = where
+    if problems:
+        raise ConfigError(problems)
+    tc = exp.cfg.tune
+    return {"dry_run": True, "name": exp.name, "experiment": str(exp.dir), "trials": count_trials(exp.cfg),
+            "search_alg": tc.search_alg, "scheduler": tc.scheduler, "metric": tc.metric, "mode": tc.mode,
+            "max_concurrent_trials": tc.max_concurrent_trials,
+            "concurrency": min(tc.max_concurrent_trials, fit["fits"]), "fit": fit, "steps": steps,
+            "epochs": max_epochs(exp.cfg), "space": dict(tc.space),
+            "rungs": asha_rungs(exp.cfg) if tc.scheduler == "asha" else [],
+            "reduction_factor": tc.reduction_factor,
+            "confirm": {"top_k": tc.confirm_top_k, "seeds": tc.confirm_seeds,
+                        "runs": tc.confirm_top_k * tc.confirm_seeds}}
+
+
+def _trainable(cfg: Config, exp_dir: Path):
+    return tune.with_resources(
+        tune.with_parameters(run_trial, base=config_to_dict(cfg), exp_dir=str(exp_dir)),
+        {"cpu": cfg.tune.driver_cpus})
 
 
 def make_tuner(exp: Experiment, resume: bool) -> tune.Tuner:
     """The Tuner of a new search, or the one restored from the experiment's Tune state."""
     cfg = exp.cfg
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=config_to_dict(cfg), exp_dir=str(exp.dir)),
-        {"cpu": cfg.tune.driver_cpus})
+    trainable = _trainable(cfg, exp.dir)
     if resume:
         return tune.Tuner.restore(str(exp.dir), trainable=trainable, resume_unfinished=True,
                                   resume_errored=True)
@@ -325,14 +420,45 @@ def make_tuner(exp: Experiment, resume: bool) -> tune.Tuner:
     )
 
 
+def run_confirmation(exp: Experiment) -> dict[str, Any]:
+    """Rerun the search's top configurations with more seeds: a second Tuner, same trainable.
+
+    Its trials live in <experiment>/confirm/ (their Train runs in confirm/runs/), so best/ stays
+    the search's own pick; every run goes to its end (FIFO). A --resume continues it.
+    """
+    tc = exp.cfg.tune
+    confirm_dir = exp.dir / CONFIRM_DIR
+    plan = plan_confirmation(summarise_trials(exp.dir, tc.metric, tc.mode), tc.mode, tc.confirm_top_k,
+                             tc.confirm_seeds, exp.cfg.train.seed)
+    if not plan:
+        log.warning("seed confirmation skipped: no trial of %s finished", exp.dir)
+        return {"runs": 0, "errors": 0}
+    confirm_dir.mkdir(parents=True, exist_ok=True)
+    trainable = _trainable(exp.cfg, confirm_dir)
+    log.info("seed confirmation: the top %d configuration(s) × %d more seeds = %d runs, %d at a time",
+             len({p["source"] for p in plan}), tc.confirm_seeds, len(plan), tc.max_concurrent_trials)
+    if tune.Tuner.can_restore(str(confirm_dir)):
+        tuner = tune.Tuner.restore(str(confirm_dir), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space={CONFIRM_KEY: tune.grid_search(plan)},
+            tune_config=tune.TuneConfig(
+                metric=tc.metric, mode=tc.mode, scheduler=FIFOScheduler(), num_samples=1,
+                search_alg=BasicVariantGenerator(max_concurrent=tc.max_concurrent_trials)),
+            run_config=tune.RunConfig(
+                name=CONFIRM_DIR, storage_path=str(exp.dir), verbose=0,
+                callbacks=[Progress(confirm_dir, tc.metric, tc.mode, len(plan), "fifo")]))
+    results = tuner.fit()
+    return {"runs": len(results), "errors": sum(r.error is not None for r in results)}
+
+
 def run_tune(cfg: Config, resume: str | None = None, dry_run: bool = False) -> dict[str, Any]:
-    """`distilray tune`: validate, search, export the best checkpoint, write the report."""
+    """`distilray tune`: validate, search, export the best checkpoint, confirm seeds, write the report."""
+    if dry_run:
+        return dry_run_plan(cfg, resume)
     exp = load_experiment(resume, cfg.tune.storage_path) if resume else new_experiment(cfg)
     cfg = exp.cfg
-    if dry_run:
-        return {"dry_run": True, "name": exp.name, "experiment": str(exp.dir),
-                "trials": count_trials(cfg), "search_alg": cfg.tune.search_alg,
-                "scheduler": cfg.tune.scheduler}
     connect_ray(min_cpus=cfg.tune.driver_cpus + cfg.train.num_workers * cfg.train.cpus_per_worker)
     cfg = preflight_cluster(cfg)
     exp = dataclasses.replace(exp, cfg=cfg)
@@ -352,9 +478,10 @@ def run_tune(cfg: Config, resume: str | None = None, dry_run: bool = False) -> d
     results = make_tuner(exp, bool(resume)).fit()
     errors = [r for r in results if r.error is not None]
     best = export_best(exp.dir, tc.metric, tc.mode)
+    confirm = run_confirmation(exp) if tc.confirm_top_k and tc.confirm_seeds and best else None
     report = write_report(exp.dir)
     summary = {"name": exp.name, "metric": tc.metric, "experiment": str(exp.dir),
-               "trials": len(results), "errors": len(errors),
+               "trials": len(results), "errors": len(errors), "confirm": confirm,
                "best": best, "report": report.get("html"), "wall_time_s": round(time.time() - started, 1)}
     if best is None:
         raise RunFailed(f"no trial of {exp.dir} produced a checkpoint ({len(errors)} errored); "

@@ -7,6 +7,7 @@ ConfigError, naming the key and the fix.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -152,9 +153,37 @@ def max_epochs(cfg: Config) -> float:
     return float(cfg.train.epochs)
 
 
+def asha_rungs(cfg: Config) -> list[float]:
+    """ASHA's milestones in epochs: grace_period × reduction_factor^k, counted as Ray's ASHA does."""
+    tc, max_t = cfg.tune, max_epochs(cfg)
+    if tc.grace_period > max_t:
+        return []
+    count = int(math.log(max_t / tc.grace_period) / math.log(tc.reduction_factor) + 1)
+    return [tc.grace_period * tc.reduction_factor ** k for k in range(count)]
+
+
+def confirm_problems(cfg: Config, with_count: bool = True) -> list[str]:
+    """tune.confirm_top_k and tune.confirm_seeds work together, and need the seed left unsearched."""
+    tc = cfg.tune
+    if not (tc.confirm_top_k or tc.confirm_seeds):
+        return []
+    problems = []
+    if not (tc.confirm_top_k and tc.confirm_seeds):
+        problems.append(f"tune.confirm_top_k={tc.confirm_top_k} and tune.confirm_seeds={tc.confirm_seeds}: "
+                        "set both (e.g. 2 and 2) to rerun the top configurations with more seeds, or neither")
+    if "train.seed" in tc.space:
+        problems.append("tune.confirm_seeds reruns configurations with other train.seed values, so "
+                        "train.seed cannot be searched as well; remove it from tune.space")
+    if with_count and tc.confirm_top_k > count_trials(cfg):
+        problems.append(f"tune.confirm_top_k={tc.confirm_top_k} exceeds the {count_trials(cfg)} trials "
+                        "the search runs; lower it")
+    return problems
+
+
 def check_tune_config(cfg: Config) -> None:
     """Raise one ConfigError listing every problem of the tune section, before any Ray work."""
     problems = space_problems(cfg) + search_problems(cfg)
+    problems += confirm_problems(cfg, with_count=not problems)
     if problems:
         raise ConfigError(problems)
 

@@ -107,7 +107,8 @@ def test_search_with_bad_values_picks_a_sensible_config_and_asha_stops_weak_tria
     out = subprocess.run([sys.executable, "-m", "distilray", "report", str(exp_dir)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "report.html" in out.stdout
-    report_checks.check_in_browser(exp_dir / "report.html", tmp_path / "report.png", n_trials=6)
+    report_checks.check_in_browser(exp_dir / "report.html", tmp_path / "report.png", n_trials=6,
+                                   hover_keys=("train.lr", "train.weight_decay"))
 
 
 @pytest.mark.slow
@@ -195,16 +196,41 @@ def test_bad_resources_fail_before_any_trial_starts(ray_4_cpus, sst2_dir, tmp_pa
 
 
 @pytest.mark.slow
-def test_optuna_search_samples_inside_the_space(ray_4_cpus, sst2_dir, tmp_path):
-    pytest.importorskip("optuna")
+def test_optuna_search_then_seed_confirmation_of_the_top_two(ray_4_cpus, sst2_dir, tmp_path):
+    # 2 Optuna trials, then tune.confirm_top_k=2 × tune.confirm_seeds=2: 4 more runs of the same
+    # trainable in confirm/, each a top configuration with train.seed 43 or 44 (the search ran 42).
     cfg = tune_cfg(tmp_path, sst2_dir, "optuna", "tune.search_alg=optuna", "tune.scheduler=asha",
                    "tune.num_samples=2", "tune.seed=0", "train.epochs=1", "data.max_train_samples=320",
                    "tune.space={train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-2}, "
-                   "train.weight_decay: {type: choice, values: [0.0, 0.1]}}")
+                   "train.weight_decay: {type: choice, values: [0.0, 0.1]}}",
+                   "tune.confirm_top_k=2", "tune.confirm_seeds=2")
+    started = time.time()
     summary = run_tune(cfg)
-    exp = load_experiment_summary(tmp_path / "optuna")
+    elapsed = time.time() - started
+    exp_dir = tmp_path / "optuna"
+    exp = load_experiment_summary(exp_dir)
     assert summary["errors"] == 0 and [t.status for t in exp.trials] == ["done", "done"]
     assert all(1e-3 <= t.params["train.lr"] <= 1e-2 and t.params["train.weight_decay"] in (0.0, 0.1)
                for t in exp.trials)
     assert len({t.params["train.lr"] for t in exp.trials}) == 2
-    assert (tmp_path / "optuna" / "best" / "model.safetensors").exists()
+    assert (exp_dir / "best" / "model.safetensors").exists()
+
+    # the seed section: 2 configurations × (the search's run + 2 seeds), 4 extra runs in all
+    assert summary["confirm"] == {"runs": 4, "errors": 0}, summary["confirm"]
+    assert [c.source for c in exp.confirm] == [t.trial_id for t in sorted(exp.trials, key=lambda t: -t.best_value)]
+    for c in exp.confirm:
+        source = next(t for t in exp.trials if t.trial_id == c.source)
+        assert c.seeds == [42, 43, 44] and len(c.values) == 3 and c.values[0] == source.best_value
+        assert [r.status for r in c.runs] == ["done", "done"]
+        assert {k: v for k, v in c.runs[0].params.items() if k != "train.seed"} == source.params
+    runs = sorted(p.name for p in (exp_dir / "confirm" / "runs").iterdir())
+    assert len(runs) == 4 and not set(runs) & {p.name for p in (exp_dir / "runs").iterdir()}
+    import yaml
+
+    seeds = sorted(yaml.safe_load(p.read_text())["train"]["seed"]
+                   for p in (exp_dir / "confirm" / "runs").glob("*/config.yaml"))
+    assert seeds == [43, 43, 44, 44], "each run trained with its own seed"
+    page = (exp_dir / "report.html").read_text()
+    assert "Seed confirmation: 4 of 4 extra runs" in page and 'id="seed-table"' in page
+    assert ("is larger than the seed spread" in page) != ("is NOT larger than the seed spread" in page)
+    print(f"optuna search (2 trials) + seed confirmation (4 runs): {elapsed:.0f} s")

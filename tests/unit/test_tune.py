@@ -20,7 +20,13 @@ from distilray.tune.experiment import (
     select_best,
     trial_config,
 )
-from distilray.tune.space import METRIC_MODES, check_tune_config, count_trials, max_epochs
+from distilray.tune.space import (
+    METRIC_MODES,
+    asha_rungs,
+    check_tune_config,
+    count_trials,
+    max_epochs,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 PRESETS = sorted((REPO / "tune").glob("*.yaml"))
@@ -220,19 +226,13 @@ def test_export_best_copies_the_best_checkpoint_without_optimizer_state(tmp_path
     assert export_best(tmp_path / "nothing", "eval_accuracy", "max") is None
 
 
-def test_optuna_is_an_extra_with_a_clear_message(monkeypatch):
+def test_optuna_search_alg_is_optunas_tpe():
+    from ray.tune.search.optuna import OptunaSearch
+
     from distilray.tune.search import make_search_alg
 
     cfg = with_space({"train.lr": {"type": "loguniform", "low": 1e-5, "high": 1e-4}}, "tune.search_alg=optuna")
     check_tune_config(cfg)
-    with monkeypatch.context() as m:
-        m.setitem(sys.modules, "optuna", None)  # as if the extra were not installed
-        with pytest.raises(ConfigError, match=r"tune.search_alg=optuna needs Optuna: pip install "
-                                              r"'distilray\[optuna\]'"):
-            make_search_alg(cfg)
-    pytest.importorskip("optuna")
-    from ray.tune.search.optuna import OptunaSearch
-
     assert isinstance(make_search_alg(cfg), OptunaSearch)
 
 
@@ -247,3 +247,200 @@ def test_run_placement_groups_come_from_the_workers_log(tmp_path):
         {"event": "worker", "rank": 0, "placement_group": None}]))
     assert run_placement_groups(tmp_path) == {"aa01", "bb02"}
     assert run_placement_groups(tmp_path / "missing") == set()
+
+
+# --------------------------------------------------------------------------- YAML 1.1 floats, --set of one entry
+
+
+def load_yaml_space(tmp_path, body: str):
+    (tmp_path / "s.yaml").write_text("model: {name: tiny}\ntune:\n  space:\n" + body)
+    return load_config(tmp_path / "s.yaml")
+
+
+@pytest.mark.parametrize("body, key, field, expected", [
+    ("    train.lr: {type: loguniform, low: 1e-5, high: 1e-3}\n", "train.lr", "low", 1e-5),
+    ("    train.lr: {type: loguniform, low: 1e-5, high: 1e-3}\n", "train.lr", "high", 1e-3),
+    ("    train.lr: {type: uniform, low: '2E-5', high: 5.0e-5}\n", "train.lr", "low", 2e-5),
+    ("    train.lr: {type: grid, values: [1e-3, 1e-4]}\n", "train.lr", "values", [1e-3, 1e-4]),
+    ("    train.weight_decay: {type: choice, values: [0, 1e-2, .5e-1]}\n", "train.weight_decay", "values",
+     [0.0, 1e-2, 0.05]),
+    ("    train.epochs: {type: choice, values: ['2', 3]}\n", "train.epochs", "values", [2, 3]),
+    ("    model.name: {type: choice, values: [tiny, '1e5']}\n", "model.name", "values", ["tiny", "1e5"]),
+])
+def test_yaml11_float_strings_in_the_space_become_numbers(tmp_path, body, key, field, expected):
+    import yaml
+
+    assert isinstance(yaml.safe_load("x: 1e-5")["x"], str), "PyYAML (YAML 1.1) reads 1e-5 as a string"
+    cfg = load_yaml_space(tmp_path, body)
+    value = cfg.tune.space[key][field]
+    assert value == expected and [type(v) for v in np_list(value)] == [type(v) for v in np_list(expected)]
+    if key != "model.name":
+        check_tune_config(cfg)
+
+
+def np_list(value):
+    return value if isinstance(value, list) else [value]
+
+
+def test_set_edits_one_field_of_one_space_entry():
+    preset = REPO / "tune" / "sst2-minilm.yaml"
+    base = load_config(preset).tune.space
+    cfg = load_config(preset, ["tune.space.train.lr.high=1e-3"])
+    assert cfg.tune.space["train.lr"] == {**base["train.lr"], "high": 1e-3}
+    assert cfg.tune.space["train.weight_decay"] == base["train.weight_decay"], "other entries kept"
+    # a whole entry, in YAML flow or JSON (quoted 1e-5 is coerced too); null removes one
+    cfg = load_config(preset, ['tune.space.train.lr={"type": "loguniform", "low": "1e-5", "high": 2e-4}',
+                               "tune.space.train.warmup_ratio={type: choice, values: [0, 0.1]}",
+                               "tune.space.train.weight_decay=null"])
+    assert cfg.tune.space == {"train.lr": {"type": "loguniform", "low": 1e-5, "high": 2e-4},
+                              "train.warmup_ratio": {"type": "choice", "values": [0.0, 0.1]}}
+    # edits apply on top of a whole space given earlier on the same line, and of the default space
+    cfg = load_config(None, ["tune.space={train.lr: {type: loguniform, low: 1e-5, high: 1e-4}}",
+                             "tune.space.train.lr.low=2e-5"])
+    assert cfg.tune.space == {"train.lr": {"type": "loguniform", "low": 2e-5, "high": 1e-4}}
+    cfg = load_config(None, ["tune.space.train.weight_decay.values=[0.0, 0.3]"])
+    assert cfg.tune.space["train.weight_decay"]["values"] == [0.0, 0.3] and "train.lr" in cfg.tune.space
+    # the same path works for apply_overrides (what trials and tests use)
+    assert apply_overrides(cfg, {"tune.space.train.lr.high": 3e-4}).tune.space["train.lr"]["high"] == 3e-4
+
+
+def test_bad_space_overrides_name_the_override_and_the_form():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["tune.space.lr.high=1e-3", "tune.space.train.lr.hi=2", "tune.space.train.lr.low.x=1"])
+    problems = info.value.problems
+    assert len(problems) == 3
+    assert "override 'tune.space.lr.high=1e-3': a space entry is tune.space.<section>.<key>[.<field>]" in problems[0]
+    assert "unknown field 'hi' of a space entry (allowed: type, low, high, values)" in problems[1]
+    assert "tune.space.<section>.<key>[.<field>]" in problems[2]
+    with pytest.raises(ConfigError, match=r"tune.space.train.warmup_ratio.high: train.warmup_ratio is not in "
+                                          r"tune.space \(searched: train.lr, train.weight_decay\); add it whole"):
+        load_config(None, ["tune.space.train.warmup_ratio.high=0.2"])
+
+
+# --------------------------------------------------------------------------- dry run, cluster fit, seeds
+
+
+def offline_overrides(path: Path, sst2_dir: Path, imdb_dir: Path, teacher: Path) -> list[str]:
+    """What a preset needs on a machine without the Hugging Face Hub: local data, a local teacher."""
+    cfg = load_config(path)
+    extra = [f"data.dataset={imdb_dir if cfg.data.dataset == 'imdb' else sst2_dir}"]
+    if cfg.model.name == "distilbert-base-uncased":
+        extra.append("model.name=tiny")  # the Hub model; its tokenizer and config need the Hub
+    if cfg.distill.teacher:  # the tiny teacher has 2 layers, so a 1-layer student
+        extra += [f"distill.teacher={teacher}", "distill.student=layers:1"]
+    return [a for e in extra for a in ("--set", e)]
+
+
+@pytest.mark.slow  # loads each preset's data: ~8 s on 2 cores
+def test_dry_run_of_every_preset_prints_its_plan(tmp_path, sst2_dir, imdb_dir, capsys, monkeypatch):
+    from distilray.cli import main
+    from distilray.runtime import DATA_CPUS, local_cpus
+    from tests.conftest import save_tiny_checkpoint
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    teacher = save_tiny_checkpoint(tmp_path / "teacher", "teacher")
+    for path in PRESETS:
+        rc = main(["tune", "--config", str(path), *offline_overrides(path, sst2_dir, imdb_dir, teacher),
+                   "--storage-path", str(tmp_path / "exps"), "--name", path.stem, "--dry-run"])
+        out = capsys.readouterr().out
+        cfg = load_config(path)
+        assert rc == 0, (path.name, out)
+        assert f"dry run OK: experiment '{path.stem}', {count_trials(cfg)} trials" in out, out
+        workers, cpus = cfg.train.num_workers, cfg.train.cpus_per_worker
+        need = cfg.tune.driver_cpus + workers * cpus
+        assert f"resources per trial: {workers} worker(s) × {cpus:g} CPU + {cfg.tune.driver_cpus:g} CPU driver " \
+               f"= {need:g} CPUs" in out, out
+        fits = int((local_cpus(need) - DATA_CPUS) // need)  # the private local Ray the run would start
+        assert f"concurrency: {min(cfg.tune.max_concurrent_trials, fits)} at a time" in out, out
+        assert "steps per trial: " in out and all(f"    {k}: " in out for k in cfg.tune.space)
+        if cfg.tune.scheduler == "asha":
+            assert "rungs (ASHA, epochs): " + ", ".join(f"{r:g}" for r in asha_rungs(cfg)) in out
+        assert ("= 4 extra runs" in out) == (path.name == "tiny-seeds.yaml")
+    assert not (tmp_path / "exps").exists() or not any((tmp_path / "exps").iterdir()), "a dry run writes nothing"
+    rungs = asha_rungs(load_config(REPO / "tune" / "imdb-distilbert.yaml"))
+    assert rungs == [1.0, 3.0], "grace 1, rf 3, 3 epochs: cuts after epoch 1"
+
+
+def test_bad_preset_dry_run_exits_2_naming_every_problem(tmp_path, sst2_dir, capsys, monkeypatch):
+    (tmp_path / "bad.yaml").write_text("\n".join([
+        "# distilray tune --config bad.yaml --dry-run",
+        "model: {name: tiny}",
+        f"data: {{dataset: '{sst2_dir}', max_train_samples: 40, text_column: sentence}}",
+        "train: {epochs: 1, cpus_per_worker: 64}",
+        "tune:",
+        "  space:",
+        "    train.lr: {type: loguniform, low: 1e-3, high: 1e-5}",
+        "    train.weight_decay: {type: normal, values: [0, 0.1]}",
+        "  metric: accuracy",
+        "  grace_period: 3",
+        "  confirm_top_k: 2", ""]))
+    from distilray.cli import main
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    rc = main(["tune", "--config", str(tmp_path / "bad.yaml"), "--storage-path", str(tmp_path / "exps"),
+               "--dry-run"])
+    err = capsys.readouterr().err
+    assert rc == 2, err[-2000:]
+    (line,) = [ln for ln in err.strip().splitlines() if ln.startswith("distilray tune: error: ")]
+    for problem in ["tune.space.train.lr: inverted range low=0.001 > high=1e-05; swap them",
+                    "tune.space.train.weight_decay: unknown distribution type 'normal'",
+                    "tune.metric='accuracy' is not a metric training reports",
+                    "tune.grace_period=3 epochs exceeds the 1 epochs a trial runs",
+                    "tune.confirm_top_k=2 and tune.confirm_seeds=0: set both"]:
+        assert problem in line, (problem, line)
+    assert not (tmp_path / "exps").exists()
+
+
+def test_dry_run_names_a_cluster_misfit_with_the_data_problem(tmp_path, sst2_dir, monkeypatch):
+    from distilray.tune.search import run_tune
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = load_config(REPO / "tune" / "tiny-grid.yaml", [
+        f"data.dataset={tmp_path / 'missing'}", "train.use_gpu=true", f"tune.storage_path={tmp_path}"])
+    with pytest.raises(ConfigError) as info:
+        run_tune(cfg, dry_run=True)
+    text = str(info.value)
+    assert "missing" in text and "a trial worker needs 1 CPU + 1 GPU" in text, text
+
+
+def test_cluster_fit_counts_trials_per_cluster():
+    from distilray.tune.search import cluster_fit
+
+    cfg = load_config(REPO / "tune" / "imdb-distilbert.yaml")  # 2 workers × 4 CPUs + 0.25
+    problems, fit = cluster_fit(cfg, [{"CPU": 16.0}, {"CPU": 16.0}])
+    assert problems == [] and fit["trial_cpus"] == 8.25 and fit["fits"] == 3 and fit["cluster_cpus"] == 32
+    problems, fit = cluster_fit(cfg, [{"CPU": 8.0}])
+    assert fit["fits"] == 0 and len(problems) == 1 and problems[0].startswith("one trial needs 8.25 CPUs")
+    gpu = apply_overrides(cfg, {"train.use_gpu": True})
+    problems, fit = cluster_fit(gpu, [{"CPU": 32.0, "GPU": 6.0}, {"CPU": 4.0}])
+    assert problems == [] and fit["fits"] == 3, "GPUs bound: 6 // 2; CPUs would allow (36 - 1) // 8.25 = 4"
+    problems, _ = cluster_fit(gpu, [{"CPU": 32.0}])
+    assert problems and "a trial worker needs 4 CPU + 1 GPU" in problems[0]
+
+
+def test_confirmation_plan_takes_the_top_finished_trials_and_new_seeds():
+    from distilray.tune.summary import TrialSummary, plan_confirmation
+
+    trials = [TrialSummary("t0", {"train.lr": 1e-3}, "done", best_value=0.80),
+              TrialSummary("t1", {"train.lr": 2e-3}, "stopped early", best_value=0.95),
+              TrialSummary("t2", {"train.lr": 3e-3}, "done", best_value=0.85),
+              TrialSummary("t3", {"train.lr": 4e-3}, "error"),
+              TrialSummary("t4", {"train.lr": 5e-3}, "done", best_value=0.70)]
+    plan = plan_confirmation(trials, "max", top_k=2, seeds=2, base_seed=42)
+    assert [(p["rank"], p["source"], p["params"]["train.seed"]) for p in plan] == [
+        (1, "t2", 43), (1, "t2", 44), (2, "t0", 43), (2, "t0", 44)], "a stopped trial's value is not final"
+    assert plan[0]["params"] == {"train.lr": 3e-3, "train.seed": 43}
+    assert [p["source"] for p in plan_confirmation(trials, "min", 1, 1, 0)] == ["t4"]
+
+
+def test_confirm_settings_are_checked():
+    cfg = with_space({"train.lr": {"type": "grid", "values": [1e-3, 2e-3]},
+                      "train.seed": {"type": "choice", "values": [1, 2]}},
+                     "tune.search_alg=grid", "tune.confirm_top_k=3", "tune.confirm_seeds=2")
+    problems = problems_of(cfg)
+    assert len(problems) == 1 and "train.seed cannot be searched as well" in problems[0], problems
+    too_many = with_space({"train.lr": {"type": "grid", "values": [1e-3, 2e-3]}}, "tune.search_alg=grid",
+                          "tune.num_samples=1", "tune.confirm_top_k=3", "tune.confirm_seeds=2")
+    assert problems_of(too_many) == ["tune.confirm_top_k=3 exceeds the 2 trials the search runs; lower it"]
+    assert load_config(None, ["model.name=tiny"]).tune.confirm_top_k == 0, "off by default"
+    check_tune_config(load_config(REPO / "tune" / "tiny-seeds.yaml"))
