@@ -673,11 +673,20 @@ def test_tune_entrypoints_parse_and_pass_the_tune_checks(overlay, pod_paths):
     assert cfg.data.dataset == f"{pod_paths[STORAGE_MOUNT]}/data/sst2"
     assert (Path(cfg.data.dataset) / "validation.parquet").exists()
     tune_parser = build_parser()._subparsers._group_actions[0].choices["tune"]  # type: ignore[union-attr]
-    if any("--dry-run" in a.option_strings for a in tune_parser._actions):
-        proc = subprocess.run([sys.executable, "-m", "distilray", *argv[1:], "--dry-run"], cwd="/",
-                              capture_output=True, text=True, timeout=600,
-                              env={**os.environ, "RAY_ADDRESS": ""})
+    assert any("--dry-run" in a.option_strings for a in tune_parser._actions)
+    proc = subprocess.run([sys.executable, "-m", "distilray", *argv[1:], "--dry-run"], cwd="/",
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "RAY_ADDRESS": ""})
+    if overlay == "gpu" and not _local_gpus():  # the dry run checks the cluster it would use
+        assert proc.returncode == 2 and "1 GPU" in proc.stderr and "0 GPU" in proc.stderr, proc.stderr[-3000:]
+    else:
         assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _local_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def test_entrypoint_check_refuses_what_cannot_run(pod_paths):
