@@ -254,6 +254,19 @@ class PredictConfig:
 
 
 @dataclass(frozen=True)
+class TrackConfig:
+    """Experiment tracking (`distilray.tracking`): MLflow runs and TensorBoard event files."""
+
+    mlflow: str | None = None
+    """MLflow tracking URI (`http://host:5000`, `sqlite:///mlflow.db`, a directory); unset, the
+    MLFLOW_TRACKING_URI environment variable is used; neither set: no MLflow logging."""
+    experiment: str = "distilray"
+    """MLflow experiment the runs are logged to (created when missing)."""
+    tensorboard: bool = True
+    """Rank 0 writes TensorBoard event files to `<run dir>/tensorboard/` (local run dirs)."""
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -262,6 +275,7 @@ class Config:
     serve: ServeConfig = field(default_factory=ServeConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
 
 
 # --------------------------------------------------------------------------- loading
