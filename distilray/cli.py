@@ -90,6 +90,8 @@ def _print_run_finished(summary: Mapping[str, Any]) -> None:
     print(f"\nrun '{summary['run_name']}' finished: best checkpoint {best}"
           + (f" (eval_accuracy {acc:.4f})" if acc is not None else ""))
     print(f"serve it: distilray serve --checkpoint {best}")
+    if summary.get("mlflow_run_id"):
+        print(f"MLflow run: {summary['mlflow_run_id']}")
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -351,6 +353,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
           f"eval_macro_f1 {report['eval_macro_f1']:.4f}  eval_loss {report['eval_loss']:.4f}  "
           f"eval_ece {report['eval_ece']:.4f}")
     print(f"wrote {report['files']['json']} and {report['files']['md']}")
+    if report.get("mlflow_run_id"):
+        print(f"MLflow run: {report['mlflow_run_id']}")
     return 0
 
 

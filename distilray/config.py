@@ -290,6 +290,16 @@ class PipelineConfig:
     """Metric compared with the current version."""
     deploy: bool = False
     """Then move the running application (serve.*, on RAY_ADDRESS) to the new version."""
+class TrackConfig:
+    """Experiment tracking (`distilray.tracking`): MLflow runs and TensorBoard event files."""
+
+    mlflow: str | None = None
+    """MLflow tracking URI (`http://host:5000`, `sqlite:///mlflow.db`, a directory); unset, the
+    MLFLOW_TRACKING_URI environment variable is used; neither set: no MLflow logging."""
+    experiment: str = "distilray"
+    """MLflow experiment the runs are logged to (created when missing)."""
+    tensorboard: bool = True
+    """Rank 0 writes TensorBoard event files to `<run dir>/tensorboard/` (local run dirs)."""
 
 
 @dataclass(frozen=True)
@@ -302,6 +312,7 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
 
 
 # --------------------------------------------------------------------------- loading

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray.data
 
-from distilray import __version__
+from distilray import __version__, tracking
 from distilray.batch import evaluation, shards
 from distilray.batch.inputs import (
     ERROR_COLUMN,
@@ -198,6 +198,8 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, data_spec: str, split: str
     report["files"] = {"json": str(out_dir / "eval.json"), "md": str(out_dir / "eval.md")}
     write_text_atomic(out_dir / "eval.json", evaluation.eval_json(report))
     write_text_atomic(out_dir / "eval.md", evaluation.render_markdown(report))
+    if run_id := tracking.log_evaluation(cfg.track, report, out_dir / "eval.json"):
+        report["mlflow_run_id"] = run_id  # tracking on: the evaluation's MLflow run
     return report
 
 

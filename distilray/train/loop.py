@@ -29,7 +29,7 @@ import ray.train.torch
 import torch
 import torch.nn.functional as F
 
-from distilray import checkpoints
+from distilray import checkpoints, tracking
 from distilray.checkpoints import METRICS_FILE, TRAINING_STATE, checkpoint_name
 from distilray.config import Config, config_from_dict
 from distilray.files import is_uri
@@ -48,8 +48,12 @@ class RunLog:
     def __init__(self, run_dir: str):
         self.run_dir = run_dir
         self._records: list[dict[str, Any]] = []
+        self.sink: tracking.StepLogger | None = None
+        """Rank 0: the train / eval records also go to MLflow and TensorBoard (`distilray.tracking`)."""
 
     def write(self, record: dict[str, Any]) -> None:
+        if self.sink is not None:
+            self.sink(record)
         line = json.dumps({"time": round(time.time(), 3), **record}) + "\n"
         if is_uri(self.run_dir):
             import pyarrow.fs as pafs
@@ -145,6 +149,7 @@ def setup_worker(loop_config: dict[str, Any]) -> Worker:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     runlog = RunLog(loop_config["run_dir"])
+    runlog.sink = tracking.worker_sink(cfg, runlog.run_dir, loop_config.get("tracking"), rank)
     if not is_uri(runlog.run_dir):
         record_worker(runlog, rank)
     torch.set_num_threads(tc.torch_threads or max(1, int(tc.cpus_per_worker)))

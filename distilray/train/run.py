@@ -22,6 +22,7 @@ import ray.data
 import ray.train
 from ray.train.torch import TorchTrainer
 
+from distilray import tracking
 from distilray.checkpoints import METRICS_FILE, RUN_CONFIG_FILE, write_result
 from distilray.config import Config, config_to_dict, dump_config
 from distilray.data import Splits, load_splits, tokenize_texts
@@ -125,16 +126,22 @@ def run_training(cfg: Config, objective: Objective, dry_run: bool = False,
     return fit(run, objective, callbacks=callbacks)
 
 
-def fit(run: PreparedRun, objective: Objective, callbacks: list | None = None) -> dict[str, Any]:
-    """Run the TorchTrainer; the objective's extra columns (computed once) travel with the rows."""
+def fit(run: PreparedRun, objective: Objective, callbacks: list | None = None,
+        parent_run: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the TorchTrainer; the objective's extra columns (computed once) travel with the rows.
+
+    `parent_run`: a search's `tracking.read_tracking(exp_dir)`, so a trial is its child MLflow run.
+    """
     cfg, tc, run_dir = run.cfg, run.cfg.train, run.run_dir
     if not is_uri(run_dir):
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         (Path(run_dir) / RUN_CONFIG_FILE).write_text(dump_config(cfg))
+    tracker = tracking.start_train_run(cfg, run_dir, run.splits.source, parent_run)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config_to_dict(cfg), "plan": run.plan.to_dict(),
-                           "run_dir": run_dir, "objective": objective},
+                           "run_dir": run_dir, "objective": objective,
+                           "tracking": tracker.worker_spec()},
         scaling_config=ray.train.ScalingConfig(
             num_workers=tc.num_workers, use_gpu=tc.use_gpu,
             resources_per_worker={"CPU": tc.cpus_per_worker,
@@ -153,13 +160,18 @@ def fit(run: PreparedRun, objective: Objective, callbacks: list | None = None) -
     try:
         result = trainer.fit()
     except DistilrayError:
+        tracking.end_train_run(tracker, run_dir, None)
         raise
     except Exception as exc:  # Ray wraps worker errors; show the cause in one line
+        tracking.end_train_run(tracker, run_dir, None)
         raise RunFailed(f"training run '{tc.name}' failed: {summarise_failure(exc)} "
                         f"(logs and checkpoints: {run_dir})") from exc
     summary = summarise_result(run, result, started)
+    if tracker.active:
+        summary["mlflow_run_id"] = tracker.run_id
     if not is_uri(run_dir):
         write_result(run_dir, summary)
+    tracking.end_train_run(tracker, run_dir, summary)
     return summary
 
 

@@ -30,6 +30,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator
 from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 
+from distilray import tracking
 from distilray.config import Config, apply_overrides, config_from_dict, config_to_dict, dump_config
 from distilray.distill.objective import objective_for
 from distilray.errors import ClusterError, ConfigError, DistilrayError, RunFailed
@@ -137,7 +138,8 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], exp_dir: str) -> Non
     run = prepare_run(cfg, objective)
     plan = {"total_steps": run.plan.total_steps, "steps_per_epoch": run.plan.steps_per_epoch}
     # a distillation search's precomputed teacher logits are cached under runs/: one pass per search
-    fit(run, objective, callbacks=[TrialReportCallback(plan)])
+    fit(run, objective, callbacks=[TrialReportCallback(plan)],
+        parent_run=tracking.read_tracking(exp_dir))  # the search's MLflow run, if tracked
 
 
 def run_placement_groups(run_dir: Path) -> set[str]:
@@ -475,10 +477,12 @@ def run_tune(cfg: Config, resume: str | None = None, dry_run: bool = False) -> d
              count_trials(cfg), tc.search_alg, tc.scheduler, tc.max_concurrent_trials, tc.metric, tc.mode,
              cfg.train.num_workers, cfg.train.cpus_per_worker)
     started = time.time()
+    parent = tracking.start_search_run(cfg, exp.dir)  # its trials log child runs under it
     results = make_tuner(exp, bool(resume)).fit()
     errors = [r for r in results if r.error is not None]
     best = export_best(exp.dir, tc.metric, tc.mode)
     confirm = run_confirmation(exp) if tc.confirm_top_k and tc.confirm_seeds and best else None
+    tracking.end_search_run(parent, best)
     report = write_report(exp.dir)
     summary = {"name": exp.name, "metric": tc.metric, "experiment": str(exp.dir),
                "trials": len(results), "errors": len(errors), "confirm": confirm,
