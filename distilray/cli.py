@@ -381,7 +381,8 @@ def cmd_promote(args: argparse.Namespace) -> int:
     if summary["current_metrics"]:
         was = "  ".join(f"{k} {v:.4f}" for k, v in summary["current_metrics"].items())
         print(f"  {summary['alias']} was {summary['previous']}: {was}")
-    print(f"{summary['model']}@{summary['alias']} → {summary['version']}")
+    print(f"{summary['model']}@{summary['alias']} → {summary['version']}"
+          + (f" (MLflow model version {summary['mlflow_version']})" if summary["mlflow_version"] else ""))
     if args.deploy:
         _deploy(cfg, store, summary)
     return 0

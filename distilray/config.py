@@ -290,6 +290,9 @@ class PipelineConfig:
     """Metric compared with the current version."""
     deploy: bool = False
     """Then move the running application (serve.*, on RAY_ADDRESS) to the new version."""
+
+
+@dataclass(frozen=True)
 class TrackConfig:
     """Experiment tracking (`distilray.tracking`): MLflow runs and TensorBoard event files."""
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from distilray import __version__
+from distilray import __version__, tracking
 from distilray.checkpoints import RUN_CONFIG_FILE, check_servable, read_meta, resolve_checkpoint_dir
 from distilray.config import Config
 from distilray.errors import ConfigError, PromotionRefused
@@ -80,7 +80,13 @@ def promote(cfg: Config, req: Promotion) -> dict[str, Any]:
         store.set_alias(req.name, req.alias, version, "promote",
                         {"metrics": metrics, "eval_data": report["data"]["sha256"],
                          "source": str(ckpt)})
+    registered = tracking.register_model_version(
+        cfg.track, req.name, store.uri(req.name, version), req.alias,
+        tags={"distilray.version": version, "distilray.store": store.root,
+              **{f"distilray.{k}": f"{v:.6f}" for k, v in metrics.items()}},
+        run_id=tracking.find_run_id(ckpt))
     return {"model": req.name, "version": version, "alias": req.alias, "previous": previous,
+            "mlflow_version": registered,
             "reused": reused, "uri": store.uri(req.name, version), "metrics": metrics,
             "current_metrics": ({m: current[m] for m in metrics} if current else None),
             "eval": {"data": report["data"]["spec"], "split": report["data"]["split"],
@@ -133,6 +139,7 @@ def lineage(ckpt: Path, run_config: dict[str, Any], report: dict[str, Any]) -> d
         "distill": meta.get("distill"),
         "model_name": meta.get("model_name"),
         "max_length": meta.get("max_length"),
+        "mlflow_run_id": tracking.find_run_id(ckpt),
         "distilray": __version__,
         "git_commit": git_commit(),
         "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

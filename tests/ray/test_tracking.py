@@ -90,7 +90,6 @@ def tiny_cfg(tmp_path, name, *extra):
 def test_train_and_evaluate_runs_and_registered_versions(ray_4_cpus, mlflow_server, tmp_path):
     from mlflow import MlflowClient
 
-    from distilray.batch.jobs import evaluate_checkpoint
 
     uri = mlflow_server["uri"]
     client = MlflowClient(uri)
@@ -129,31 +128,38 @@ def test_train_and_evaluate_runs_and_registered_versions(ray_4_cpus, mlflow_serv
     assert [s for s, _ in scalars["train/loss"]] == [1, 2, 3, 4, 5, 6]
     assert [s for s, _ in scalars["eval/eval_accuracy"]] == [3, 6]
 
-    # evaluate: its own run, eval.json as an artifact, linked to the training run
-    out = tmp_path / "eval"
-    report = evaluate_checkpoint(cfg, result["best_checkpoint"], "synthetic:sentiment",
-                                 output=str(out))
-    ev = client.get_run(report["mlflow_run_id"])
-    assert ev.info.status == "FINISHED" and ev.data.tags["distilray.kind"] == "evaluate"
-    assert ev.data.metrics["eval_accuracy"] == report["eval_accuracy"]
-    assert ev.data.tags["distilray.source_run_id"] == run.info.run_id
-    assert ev.data.tags["distilray.data_sha256"] == report["data"]["sha256"]
-    assert {"eval.json", "eval.md"} <= {a.path for a in client.list_artifacts(ev.info.run_id)}
+    # promote: evaluate (its own run, eval.json as an artifact, linked to the training run),
+    # then the bundle is registered as an MLflow model version with the same alias
+    from distilray.cli import main
+    from distilray.store import ModelStore
 
-    # the model registry: two versions of a bundle directory, the alias follows the newest
-    bundle = save_tiny_checkpoint(tmp_path / "store" / "tiny" / "v1", "v1")
-    v1 = tracking.register_model_version(cfg.track, "tiny-clf", str(bundle), "production",
-                                         {"distilray.version": "v1"}, run_id=run.info.run_id)
-    v2 = tracking.register_model_version(uri, "tiny-clf", str(bundle), "production",
-                                         {"distilray.version": "v2"})
-    assert (v1, v2) == ("1", "2")
+    store = tmp_path / "store"
+    assert main(["promote", "--checkpoint", result["best_checkpoint"], "--to", str(store),
+                 "--name", "tiny-clf", "--eval-data", "synthetic:sentiment",
+                 "--set", f"track.mlflow={uri}", "--set", "track.experiment=t-train",
+                 "--set", "data.synthetic_size=200", "--set", "data.max_length=32"]) == 0
+    evals_logged = client.search_runs([run.info.experiment_id], "tags.`distilray.kind` = 'evaluate'")
+    (ev,) = evals_logged
+    eval_json = ModelStore(str(store)).read_json("tiny-clf", "v1", "eval.json")
+    assert ev.info.status == "FINISHED" and ev.data.metrics["eval_accuracy"] == eval_json["eval_accuracy"]
+    assert ev.data.tags["distilray.source_run_id"] == run.info.run_id
+    assert ev.data.tags["distilray.data_sha256"] == eval_json["data"]["sha256"]
+    assert {"eval.json", "eval.md"} <= {a.path for a in client.list_artifacts(ev.info.run_id)}
+    lineage = ModelStore(str(store)).read_json("tiny-clf", "v1", "lineage.json")
+    assert lineage["mlflow_run_id"] == run.info.run_id
     prod = client.get_model_version_by_alias("tiny-clf", "production")
-    assert prod.version == "2" and prod.tags["distilray.version"] == "v2"
-    assert prod.tags["distilray.bundle"] == str(bundle)
-    first = client.get_model_version("tiny-clf", "1")
-    assert first.run_id == run.info.run_id and first.source == f"runs:/{run.info.run_id}/bundle"
+    assert prod.version == "1" and prod.tags["distilray.version"] == "v1"
+    assert prod.tags["distilray.bundle"] == f"{store}/tiny-clf/v1"
+    assert prod.run_id == run.info.run_id and prod.source == f"runs:/{run.info.run_id}/bundle"
     copied = {a.path for a in client.list_artifacts(run.info.run_id, "bundle")}
     assert "bundle/config.json" in copied and "bundle/model.safetensors" not in copied
+    # a second version: the alias follows it
+    bundle = save_tiny_checkpoint(tmp_path / "other" / "v2", "v2")
+    v2 = tracking.register_model_version(uri, "tiny-clf", str(bundle), "production",
+                                         {"distilray.version": "v2"})
+    assert v2 == "2"
+    prod = client.get_model_version_by_alias("tiny-clf", "production")
+    assert prod.version == "2" and prod.tags["distilray.version"] == "v2"
 
 
 def test_tune_is_a_parent_run_with_a_child_run_per_trial(ray_4_cpus, mlflow_server, tmp_path):
