@@ -174,8 +174,13 @@ class ServeConfig:
     auth_token_env: str = "DISTILRAY_SERVE_TOKEN"
     """Env var holding a bearer token; when set (or auth_token_file is), requests need it."""
     auth_token_file: str | None = None
-    backend: Literal["torch", "int8"] = "torch"
-    """`int8`: dynamic int8 quantisation of the Linear layers (CPU only; check accuracy first)."""
+    backend: Literal["torch", "onnx", "onnx-int8", "int8"] = "torch"
+    """`onnx`: the checkpoint exported to ONNX Runtime (fp32, same predictions); `onnx-int8`:
+    ONNX Runtime with dynamic int8 weights (CPU; check accuracy first); both need the `[onnx]`
+    extra and cache their files in `<checkpoint>/onnx/`. `int8`: torch's dynamic int8
+    (deprecated in torch; refused once torch drops it). See docs/serve.md "Backends"."""
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """Forward-pass precision: half precision needs a GPU (serve.num_gpus > 0); refused on CPU."""
     max_length: int = _opt(128, ge=8, le=512)
     max_batch_tokens: int = _opt(8192, ge=8)
     """A batch's texts are sorted by length and run in forward passes of at most this many padded tokens."""
@@ -244,10 +249,10 @@ class PredictConfig:
     cpus_per_actor: float = _opt(1.0, gt=0.0)
     gpus_per_actor: float = _opt(0.0, ge=0.0)
     """GPUs per model actor (0: CPU)."""
-    backend: Literal["torch", "int8"] = "torch"
-    """As serve.backend: `int8` quantises the Linear layers dynamically (CPU only)."""
+    backend: Literal["torch", "onnx", "onnx-int8", "int8"] = "torch"
+    """As serve.backend: `onnx` / `onnx-int8` run ONNX Runtime, `int8` torch's dynamic int8."""
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    """Forward-pass precision on a GPU (CPU runs float32)."""
+    """Forward-pass precision: half precision needs a GPU (predict.gpus_per_actor > 0)."""
     max_text_chars: int = _opt(10_000, ge=1)
     """Longer texts get an error and no prediction (as serve.max_text_chars refuses them)."""
     output_format: Literal["parquet", "jsonl"] = "parquet"
@@ -470,6 +475,12 @@ def cross_check(cfg: Config) -> list[str]:
             f"model.label_names has {len(cfg.model.label_names)} names but model.num_labels="
             f"{cfg.model.num_labels}; give one name per class")
     s = cfg.serve
+    for key, dtype, gpus in (("serve", s.dtype, s.num_gpus),
+                             ("predict", cfg.predict.dtype, cfg.predict.gpus_per_actor)):
+        if dtype != "float32" and gpus <= 0:
+            problems.append(f"{key}.dtype={dtype} needs a GPU ({key}."
+                            f"{'num_gpus' if key == 'serve' else 'gpus_per_actor'} > 0); "
+                            "CPUs run float32")
     if cfg.predict.max_actors < cfg.predict.min_actors:
         problems.append(f"predict.max_actors={cfg.predict.max_actors} must be >= "
                         f"predict.min_actors={cfg.predict.min_actors}")

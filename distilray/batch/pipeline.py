@@ -91,16 +91,12 @@ class ModelActor:
     """Model stage: one loaded checkpoint per actor; texts in error get no prediction."""
 
     def __init__(self, spec: ModelSpec, use_gpu: bool = False):
-        import torch
-
         from distilray.serve.predictor import Predictor
 
         device = "cuda" if use_gpu else "cpu"
         self.predictor = Predictor(spec.checkpoint, max_length=spec.max_length, backend=spec.backend,
                                    max_batch_tokens=spec.max_batch_tokens, device=device,
-                                   torch_threads=spec.torch_threads)
-        if use_gpu and spec.dtype != "float32":
-            self.predictor.model.to(getattr(torch, spec.dtype))
+                                   torch_threads=spec.torch_threads, dtype=spec.dtype)
         self.labels = self.predictor.labels
         self.node = ray.get_runtime_context().get_node_id()
 

@@ -61,7 +61,7 @@ class Classifier:
         def load() -> Predictor:
             torch.set_num_threads(threads)
             return Predictor(checkpoint, s.max_length, s.backend, s.max_batch_tokens,
-                             device, pass_overhead_tokens=s.pass_overhead_tokens)
+                             device, pass_overhead_tokens=s.pass_overhead_tokens, dtype=s.dtype)
 
         self._predictor = self._torch_thread.submit(load).result()
         self._batch_size = Histogram("distilray_batch_size", "Texts per forward batch",
