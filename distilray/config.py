@@ -60,6 +60,10 @@ class DataConfig:
     max_eval_samples: int | None = _opt(None, ge=1)
     max_length: int = _opt(128, ge=8, le=512)
     """Truncate to this many tokens, as the reference recipe does."""
+    truncation: Literal["head", "head+tail"] = "head"
+    """Which max_length tokens a longer text keeps: `head` the first ones (as
+    `transformers.pipeline(truncation=True)`), `head+tail` the first quarter and last three
+    quarters. Recorded in the checkpoint; serve, predict and evaluate tokenise the same way."""
     padding: Literal["dynamic", "max_length"] = "dynamic"
     """`dynamic` pads each batch to its longest row; `max_length` reproduces the reference exactly."""
     pad_to_multiple_of: int = _opt(8, ge=1, le=128)
@@ -169,7 +173,13 @@ class ServeConfig:
     num_cpus: float = _opt(1.0, gt=0.0)
     num_gpus: float = _opt(0.0, ge=0.0)
     max_texts: int = _opt(64, ge=1)
-    max_text_chars: int = _opt(10_000, ge=1)
+    max_text_chars: int | None = _opt(None, ge=1)
+    """Refuse (422) texts longer than this many characters; None: no per-text limit — every
+    text is truncated to max_length tokens (as `transformers.pipeline(truncation=True)`), and
+    max_request_bytes bounds the work one request brings."""
+    max_request_bytes: int = _opt(4 * 1024 * 1024, ge=1024)
+    """Bodies over this many bytes get 413 (room for max_texts IMDb-length reviews, or one
+    text of a few million characters)."""
     request_timeout_s: float = _opt(30.0, gt=0.0)
     auth_token_env: str = "DISTILRAY_SERVE_TOKEN"
     """Env var holding a bearer token; when set (or auth_token_file is), requests need it."""
@@ -253,8 +263,9 @@ class PredictConfig:
     """As serve.backend: `onnx` / `onnx-int8` run ONNX Runtime, `int8` torch's dynamic int8."""
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     """Forward-pass precision: half precision needs a GPU (predict.gpus_per_actor > 0)."""
-    max_text_chars: int = _opt(10_000, ge=1)
-    """Longer texts get an error and no prediction (as serve.max_text_chars refuses them)."""
+    max_text_chars: int | None = _opt(None, ge=1)
+    """Longer texts get an error and no prediction; None: no limit, every text is truncated
+    to max_length tokens."""
     output_format: Literal["parquet", "jsonl"] = "parquet"
 
 

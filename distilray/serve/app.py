@@ -26,6 +26,7 @@ INGRESS_NUM_CPUS = 0.1  # JSON, auth and awaiting the Classifier: no model, litt
 # ServeConfig keys the replica reads (passed as `args.serve`); the rest are deployment
 # options, written once in the Serve config's `deployments:` section where Serve applies them.
 REPLICA_KEYS = ("max_batch_size", "batch_wait_timeout_s", "max_texts", "max_text_chars",
+                "max_request_bytes",
                 "request_timeout_s", "auth_token_env", "auth_token_file", "backend", "dtype", "max_length",
                 "max_batch_tokens", "pass_overhead_tokens", "torch_threads", "num_cpus",
                 "num_gpus", "topology", "coalesce", "http_fast_path")

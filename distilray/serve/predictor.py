@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from distilray.checkpoints import check_servable, checkpoint_info
+from distilray.checkpoints import check_servable, checkpoint_info, read_meta
 from distilray.errors import CheckpointError, ConfigError
 from distilray.onnx_backend import ORT_BACKENDS
 
@@ -53,6 +53,7 @@ class Predictor:
             log.warning("serving with max_length=%d but %s was trained with max_length=%d",
                         max_length, path, trained_len)
         self.max_length = max_length
+        self.truncation = read_meta(path).get("truncation", "head")  # as it was trained
         self.max_batch_tokens = max_batch_tokens
         # CPU: a pass costs ~30-60 tokens of work beyond its own (2 cores; 64 measured best), so
         # splitting a length-sorted batch beats padding short texts to the longest. GPU: the
@@ -88,7 +89,8 @@ class Predictor:
         """Logits (numpy, float32) in input order."""
         from distilray.data import tokenize_texts
 
-        return self.logits_for_ids(tokenize_texts(self.tokenizer, texts, self.max_length))
+        return self.logits_for_ids(tokenize_texts(self.tokenizer, texts, self.max_length,
+                                                  self.truncation))
 
     def logits_for_ids(self, ids: Sequence[Sequence[int]]) -> Any:
         """Logits of already tokenised rows (batch inference tokenises in its own stage)."""
