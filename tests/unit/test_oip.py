@@ -80,3 +80,13 @@ def test_openapi_body_schema_has_no_dangling_refs():
     assert "$ref" not in text and "$defs" not in text
     schema = oip.INFER_OPENAPI["requestBody"]["content"]["application/json"]["schema"]
     assert schema["properties"]["inputs"]["maxItems"] == 1
+
+
+def test_v1_errors_keep_status_and_retry_after_in_the_protocol_shape():
+    from distilray.serve.schema import error_json
+
+    overloaded = error_json(503, "overloaded", "all Classifier replicas are busy", **{"Retry-After": "2"})
+    answer = oip.from_v1_error(overloaded)
+    assert answer.status_code == 503 and answer.headers["retry-after"] == "2"
+    assert json.loads(answer.body) == {"error": "all Classifier replicas are busy"}
+    assert oip.is_v2("/v2/models/m/infer") and oip.is_v2("/v2") and not oip.is_v2("/v2x")
