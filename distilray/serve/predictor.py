@@ -1,7 +1,9 @@
 """A checkpoint ready to classify: tokenise once, sort by length, pad per pass, forward.
 
-Torch and transformers only (imported inside the functions, so importing this is cheap);
-no Ray, so it is tested, benchmarked and reused without a cluster.
+The forward passes run on an engine mapping (input_ids, attention_mask) to logits: the torch
+model (`torch`, `int8`) or an ONNX Runtime session (`onnx`, `onnx-int8`, `onnx_backend`).
+Torch, transformers and onnxruntime are imported inside the functions, so importing this is
+cheap; no Ray, so it is tested, benchmarked and reused without a cluster.
 """
 
 from __future__ import annotations
