@@ -275,8 +275,10 @@ class Ingress:
             version = info["checkpoint"]["sha256_12"]
             if call == "model":
                 return oip.model_metadata(self._model_name, version, info["labels"])
-            if call == "model_ready":
-                return {"name": self._model_name, "ready": True}
+            if call == "model_ready":  # a replica answers now, as /readyz
+                ready = await self.readyz()
+                return (oip.from_v1_error(ready) if isinstance(ready, JSONResponse)
+                        else {"name": self._model_name, "ready": True})
             req, texts, wanted = oip.parse_infer(await request.body(),
                                                  request.headers.get(oip.INFER_HEADER),
                                                  **self._limits)
