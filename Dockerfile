@@ -36,5 +36,5 @@ COPY --chown=1000:100 tune ./tune
 
 # Pin ray to the base image's version so pip never swaps it for another release.
 RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}" \
- && pip install --no-cache-dir "./[offline]" "ray[train,serve,tune]==2.60.0" \
+ && pip install --no-cache-dir "./[offline,onnx]" "ray[train,serve,tune]==2.60.0" \
  && distilray --help >/dev/null

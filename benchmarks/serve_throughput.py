@@ -303,7 +303,7 @@ def main() -> None:
                         default="high-throughput",
                         help="how the local Ray instance runs Serve: HAProxy + direct ingress "
                              "(distilray's default) or Ray's Python HTTP proxy")
-    parser.add_argument("--backend", choices=["torch", "int8"], default="torch",
+    parser.add_argument("--backend", choices=["torch", "onnx", "onnx-int8", "int8"], default="torch",
                         help="model backend of (b), (b1) and (c); (a) is always the fp32 pipeline")
     parser.add_argument("--random-weights", action="store_true",
                         help="--checkpoint holds config + tokenizer only: give it seeded random "

@@ -324,7 +324,7 @@ def _predict_in_process(args: argparse.Namespace, texts: list[str]) -> list[dict
 
     spec, _ = model_spec(load_args_config(args), args.checkpoint)
     predictor = Predictor(spec.checkpoint, max_length=spec.max_length, backend=spec.backend,
-                          max_batch_tokens=spec.max_batch_tokens)
+                          max_batch_tokens=spec.max_batch_tokens, dtype=spec.dtype)
     return [asdict(p) for p in predictor.predict(texts)]
 
 
@@ -727,7 +727,7 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative: o
     p.add_argument("--text-column", help="batch mode: column with the texts (predict.text_column)")
     p.add_argument("--format", choices=["parquet", "jsonl"],
                    help="batch mode: output format (predict.output_format)")
-    p.add_argument("--backend", choices=["torch", "int8"], help="predict.backend")
+    p.add_argument("--backend", choices=["torch", "onnx", "onnx-int8", "int8"], help="predict.backend")
     p.add_argument("--gpu", dest="gpus_per_actor", action="store_const", const=1.0,
                    help="batch mode: one GPU per model actor (predict.gpus_per_actor=1)")
     p.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL")
@@ -743,7 +743,7 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - declarative: o
     p.add_argument("--data", required=True, help="dataset spec, as data.dataset")
     p.add_argument("--split", default="validation", help="split to evaluate (default: validation)")
     p.add_argument("--output", help="where eval.json and eval.md go (default: the checkpoint)")
-    p.add_argument("--backend", choices=["torch", "int8"], help="predict.backend")
+    p.add_argument("--backend", choices=["torch", "onnx", "onnx-int8", "int8"], help="predict.backend")
 
     p = add("promote", "evaluate a checkpoint, gate it, store it as a new version, move an alias",
             cmd_promote)

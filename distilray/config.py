@@ -61,6 +61,10 @@ class DataConfig:
     max_eval_samples: int | None = _opt(None, ge=1)
     max_length: int = _opt(128, ge=8, le=512)
     """Truncate to this many tokens, as the reference recipe does."""
+    truncation: Literal["head", "head+tail"] = "head"
+    """Which max_length tokens a longer text keeps: `head` the first ones (as
+    `transformers.pipeline(truncation=True)`), `head+tail` the first quarter and last three
+    quarters. Recorded in the checkpoint; serve, predict and evaluate tokenise the same way."""
     padding: Literal["dynamic", "max_length"] = "dynamic"
     """`dynamic` pads each batch to its longest row; `max_length` reproduces the reference exactly."""
     pad_to_multiple_of: int = _opt(8, ge=1, le=128)
@@ -177,13 +181,24 @@ class ServeConfig:
     num_cpus: float = _opt(1.0, gt=0.0)
     num_gpus: float = _opt(0.0, ge=0.0)
     max_texts: int = _opt(64, ge=1)
-    max_text_chars: int = _opt(10_000, ge=1)
+    max_text_chars: int | None = _opt(None, ge=1)
+    """Refuse (422) texts longer than this many characters; None: no per-text limit — every
+    text is truncated to max_length tokens (as `transformers.pipeline(truncation=True)`), and
+    max_request_bytes bounds the work one request brings."""
+    max_request_bytes: int = _opt(4 * 1024 * 1024, ge=1024)
+    """Bodies over this many bytes get 413 (room for max_texts IMDb-length reviews, or one
+    text of a few million characters)."""
     request_timeout_s: float = _opt(30.0, gt=0.0)
     auth_token_env: str = "DISTILRAY_SERVE_TOKEN"
     """Env var holding a bearer token; when set (or auth_token_file is), requests need it."""
     auth_token_file: str | None = None
-    backend: Literal["torch", "int8"] = "torch"
-    """`int8`: dynamic int8 quantisation of the Linear layers (CPU only; check accuracy first)."""
+    backend: Literal["torch", "onnx", "onnx-int8", "int8"] = "torch"
+    """`onnx`: the checkpoint exported to ONNX Runtime (fp32, same predictions); `onnx-int8`:
+    ONNX Runtime with dynamic int8 weights (CPU; check accuracy first); both need the `[onnx]`
+    extra and cache their files in `<checkpoint>/onnx/`. `int8`: torch's dynamic int8
+    (deprecated in torch; refused once torch drops it). See docs/serve.md "Backends"."""
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """Forward-pass precision: half precision needs a GPU (serve.num_gpus > 0); refused on CPU."""
     max_length: int = _opt(128, ge=8, le=512)
     max_batch_tokens: int = _opt(8192, ge=8)
     """A batch's texts are sorted by length and run in forward passes of at most this many padded tokens."""
@@ -252,12 +267,13 @@ class PredictConfig:
     cpus_per_actor: float = _opt(1.0, gt=0.0)
     gpus_per_actor: float = _opt(0.0, ge=0.0)
     """GPUs per model actor (0: CPU)."""
-    backend: Literal["torch", "int8"] = "torch"
-    """As serve.backend: `int8` quantises the Linear layers dynamically (CPU only)."""
+    backend: Literal["torch", "onnx", "onnx-int8", "int8"] = "torch"
+    """As serve.backend: `onnx` / `onnx-int8` run ONNX Runtime, `int8` torch's dynamic int8."""
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    """Forward-pass precision on a GPU (CPU runs float32)."""
-    max_text_chars: int = _opt(10_000, ge=1)
-    """Longer texts get an error and no prediction (as serve.max_text_chars refuses them)."""
+    """Forward-pass precision: half precision needs a GPU (predict.gpus_per_actor > 0)."""
+    max_text_chars: int | None = _opt(None, ge=1)
+    """Longer texts get an error and no prediction; None: no limit, every text is truncated
+    to max_length tokens."""
     output_format: Literal["parquet", "jsonl"] = "parquet"
 
 
@@ -639,6 +655,12 @@ def cross_check(cfg: Config) -> list[str]:
             f"model.label_names has {len(cfg.model.label_names)} names but model.num_labels="
             f"{cfg.model.num_labels}; give one name per class")
     s = cfg.serve
+    for key, dtype, gpus in (("serve", s.dtype, s.num_gpus),
+                             ("predict", cfg.predict.dtype, cfg.predict.gpus_per_actor)):
+        if dtype != "float32" and gpus <= 0:
+            problems.append(f"{key}.dtype={dtype} needs a GPU ({key}."
+                            f"{'num_gpus' if key == 'serve' else 'gpus_per_actor'} > 0); "
+                            "CPUs run float32")
     if cfg.predict.max_actors < cfg.predict.min_actors:
         problems.append(f"predict.max_actors={cfg.predict.max_actors} must be >= "
                         f"predict.min_actors={cfg.predict.min_actors}")

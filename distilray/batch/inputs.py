@@ -172,7 +172,7 @@ def check_inputs(files: Sequence[InputFile], text_column: str) -> None:
                             "rename it")
 
 
-def text_errors(values: Sequence[Any], max_chars: int) -> list[str | None]:
+def text_errors(values: Sequence[Any], max_chars: int | None) -> list[str | None]:
     """Why each text cannot be classified, or None: not a string, empty, or too long."""
     out: list[str | None] = []
     for v in values:
@@ -180,14 +180,14 @@ def text_errors(values: Sequence[Any], max_chars: int) -> list[str | None]:
             out.append(f"text is {'missing' if v is None else type(v).__name__}, not a string")
         elif not v.strip():
             out.append("text is empty")
-        elif len(v) > max_chars:
+        elif max_chars is not None and len(v) > max_chars:
             out.append(f"text has {len(v)} characters (limit {max_chars}: predict.max_text_chars)")
         else:
             out.append(None)
     return out
 
 
-def normalise_texts(table: pa.Table, values: list[Any], max_chars: int) -> tuple[pa.Table, list[str]]:
+def normalise_texts(table: pa.Table, values: list[Any], max_chars: int | None) -> tuple[pa.Table, list[str]]:
     """(table with the row index and an error column, texts to classify with '' where in error)."""
     errors = text_errors(values, max_chars)
     table = table.append_column(ROW_COLUMN, pa.array(range(table.num_rows), pa.int64()))

@@ -50,11 +50,13 @@ def model_spec(cfg: Config, checkpoint: str) -> tuple[ModelSpec, dict[str, Any]]
     """The checkpoint to load (a run or experiment directory means its best) and its identity."""
     path = check_servable(resolve_checkpoint_dir(checkpoint))
     info = checkpoint_info(path, full_sha256=True)
-    max_length = read_meta(path).get("max_length") or cfg.data.max_length
+    meta = read_meta(path)
+    max_length = meta.get("max_length") or cfg.data.max_length
     p = cfg.predict
     spec = ModelSpec(str(path), max_length=max_length, backend=p.backend,
                      max_batch_tokens=p.max_batch_tokens, dtype=p.dtype,
-                     torch_threads=max(1, int(p.cpus_per_actor)))
+                     torch_threads=max(1, int(p.cpus_per_actor)),
+                     truncation=meta.get("truncation") or cfg.data.truncation)
     return spec, info
 
 

@@ -49,9 +49,10 @@ class ModelSpec:
     max_batch_tokens: int = 8192
     dtype: str = "float32"
     torch_threads: int = 1
+    truncation: str = "head"
 
 
-def read_files(batch: pa.Table, text_column: str, max_chars: int) -> Iterator[pa.Table]:
+def read_files(batch: pa.Table, text_column: str, max_chars: int | None) -> Iterator[pa.Table]:
     """Read stage: the listed files' texts, row numbers and per-row errors, in blocks of
     BLOCK_ROWS rows so that tokenising and the model overlap and results stream."""
     for index, path in zip(batch.column("index").to_pylist(), batch.column("path").to_pylist(),
@@ -79,9 +80,10 @@ def _tokenizer(checkpoint: str) -> Any:
     return AutoTokenizer.from_pretrained(checkpoint)
 
 
-def tokenize(batch: pa.Table, checkpoint: str, max_length: int) -> pa.Table:
-    """Tokenise stage: token ids (truncated to the training max_length) replace the texts."""
-    ids = tokenize_texts(_tokenizer(checkpoint), batch.column("text").to_pylist(), max_length)
+def tokenize(batch: pa.Table, checkpoint: str, max_length: int, truncation: str = "head") -> pa.Table:
+    """Tokenise stage: token ids (truncated as in training) replace the texts."""
+    ids = tokenize_texts(_tokenizer(checkpoint), batch.column("text").to_pylist(), max_length,
+                         truncation)
     batch = batch.drop_columns(["text"])
     batch = batch.append_column(IDS_COLUMN, pa.array(ids, pa.list_(pa.int32())))
     return batch.append_column(TOKENS_COLUMN, pa.array([len(r) for r in ids], pa.int32()))
@@ -91,16 +93,12 @@ class ModelActor:
     """Model stage: one loaded checkpoint per actor; texts in error get no prediction."""
 
     def __init__(self, spec: ModelSpec, use_gpu: bool = False):
-        import torch
-
         from distilray.serve.predictor import Predictor
 
         device = "cuda" if use_gpu else "cpu"
         self.predictor = Predictor(spec.checkpoint, max_length=spec.max_length, backend=spec.backend,
                                    max_batch_tokens=spec.max_batch_tokens, device=device,
-                                   torch_threads=spec.torch_threads)
-        if use_gpu and spec.dtype != "float32":
-            self.predictor.model.to(getattr(torch, spec.dtype))
+                                   torch_threads=spec.torch_threads, dtype=spec.dtype)
         self.labels = self.predictor.labels
         self.node = ray.get_runtime_context().get_node_id()
 
@@ -143,7 +141,8 @@ def infer(ds: ray.data.Dataset, spec: ModelSpec, cfg: PredictConfig) -> ray.data
     """The tokenise and model stages over a dataset of (file, row, text, error) rows."""
     use_gpu = cfg.gpus_per_actor > 0
     ds = ds.map_batches(tokenize, batch_format="pyarrow",
-                        fn_kwargs={"checkpoint": spec.checkpoint, "max_length": spec.max_length})
+                        fn_kwargs={"checkpoint": spec.checkpoint, "max_length": spec.max_length,
+                                   "truncation": spec.truncation})
     return ds.map_batches(
         ModelActor, batch_format="pyarrow", batch_size=cfg.batch_size,
         fn_constructor_kwargs={"spec": spec, "use_gpu": use_gpu},

@@ -26,6 +26,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.metrics import Counter, Gauge, Histogram
 
 from distilray.config import ServeConfig
+from distilray.serve import oip
 from distilray.serve.batching import CallCoalescer, TextBatcher
 from distilray.serve.http import CLASSIFY_PATH, FAST_CLASSIFY, bearer_matches, server_token
 from distilray.serve.predictor import Prediction, Predictor
@@ -67,7 +68,7 @@ class Classifier:
         def load() -> Predictor:
             torch.set_num_threads(threads)
             return Predictor(checkpoint, s.max_length, s.backend, s.max_batch_tokens,
-                             device, pass_overhead_tokens=s.pass_overhead_tokens)
+                             device, pass_overhead_tokens=s.pass_overhead_tokens, dtype=s.dtype)
 
         self._predictor = self._torch_thread.submit(load).result()
         self._served = (self._predictor.info["id"], self._version)
@@ -150,6 +151,7 @@ class Ingress:
         self._chunk = s.max_batch_size
         self._limits = {"max_texts": s.max_texts, "max_text_chars": s.max_text_chars}
         self._info: dict[str, Any] | None = None
+        self._model_name = serve.get_replica_context().app_name  # the v2 protocol's model name
         self._coalescer = None
         if s.coalesce and classifier is not None:
             queue = Gauge("distilray_ingress_queue_length",
@@ -222,6 +224,18 @@ class Ingress:
     async def _answer(self, body: Any) -> Any:
         """Classify a validated `{"text"}` or `{"texts"}` body: the JSON answer or error."""
         texts = [body.text] if hasattr(body, "text") else list(body.texts)
+        results = await self._predictions(texts)
+        if isinstance(results, JSONResponse):
+            return results
+        info = await self._model_info()
+        checkpoint, version = results[0][1]  # the weights that answered (during a version change, either)
+        # built by hand: ClassifyResponse documents it, re-validating it costs per request
+        return JSONResponse({"model": info["model"], "checkpoint": checkpoint, "version": version,
+                             "predictions": [asdict(p) for p, _ in results]})
+
+    async def _predictions(self, texts: list[str]) -> Any:
+        """(prediction, (checkpoint id, version)) of validated texts in order, or the error
+        answer (504, 503)."""
         chunks = [texts[i: i + self._chunk] for i in range(0, len(texts), self._chunk)]
         tasks = [asyncio.ensure_future(self._classify_chunk(c)) for c in chunks]
         try:
@@ -238,13 +252,7 @@ class Ingress:
         finally:
             for task in tasks:
                 task.cancel()
-        info = await self._model_info()
-        answered = [item for chunk in results for item in chunk]
-        checkpoint, version = answered[0][1]
-        body = {"model": info["model"], "checkpoint": checkpoint, "version": version,
-                "predictions": [asdict(p) for p, _ in answered]}
-        # built by hand: ClassifyResponse documents it, re-validating it costs per request
-        return JSONResponse(body)
+        return [item for chunk in results for item in chunk]
 
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
@@ -264,6 +272,39 @@ class Ingress:
             return error_json(401, "unauthorized", UNAUTHORIZED, **{"WWW-Authenticate": "Bearer"})
         self._info = await self._replica_info()
         return {**self._info, **self._limits}
+
+    async def v2(self, request: Request, name: str | None, call: str) -> Any:
+        """The Open Inference Protocol routes (`oip`): `call` is live | ready | model |
+        model_ready | infer; errors in the protocol's `{"error"}` shape."""
+        try:
+            if call == "live":
+                return {"live": True}
+            if call == "ready":
+                ready = await self.readyz()
+                return oip.from_v1_error(ready) if isinstance(ready, JSONResponse) else {"ready": True}
+            if not self._authorized(request):
+                raise oip.OipError(401, f"{UNAUTHORIZED} with the server's token",
+                                   {"WWW-Authenticate": "Bearer"})
+            oip.check_model(name or "", self._model_name)
+            info = await self._model_info()
+            version = info.get("version") or info["checkpoint"]["sha256_12"]
+            if call == "model":
+                return oip.model_metadata(self._model_name, version, info["labels"])
+            if call == "model_ready":  # a replica answers now, as /readyz
+                ready = await self.readyz()
+                return (oip.from_v1_error(ready) if isinstance(ready, JSONResponse)
+                        else {"name": self._model_name, "ready": True})
+            req, texts, wanted = oip.parse_infer(await request.body(),
+                                                 request.headers.get(oip.INFER_HEADER),
+                                                 **self._limits)
+        except oip.OipError as exc:
+            return oip.error_response(exc.status, exc.message, exc.headers)
+        results = await self._predictions(texts)
+        if isinstance(results, JSONResponse):
+            return oip.from_v1_error(results)
+        answered = results[0][1][1] or version  # the store version that answered, else the sha
+        return JSONResponse(oip.infer_response(req, self._model_name, answered, info["labels"],
+                                               [p for p, _ in results], wanted))
 
 
 def ingress_class(app: Any, body_type: Any) -> type:
@@ -293,6 +334,31 @@ def ingress_class(app: Any, body_type: Any) -> type:
                  responses={401: {"model": ErrorResponse}})
         async def model_info(self, request: Request) -> Any:
             return await Ingress.model_info(self, request)
+
+        @app.get(oip.V2 + "/health/live", summary="Open Inference Protocol: server live")
+        async def v2_live(self, request: Request) -> Any:
+            return await Ingress.v2(self, request, None, "live")
+
+        @app.get(oip.V2 + "/health/ready", summary="Open Inference Protocol: server ready",
+                 responses={503: {"model": oip.OipErrorBody}})
+        async def v2_ready(self, request: Request) -> Any:
+            return await Ingress.v2(self, request, None, "ready")
+
+        @app.get(oip.V2 + "/models/{name}", summary="Open Inference Protocol: model metadata",
+                 response_model=oip.ModelMetadata, responses=oip.ERROR_RESPONSES)
+        async def v2_model(self, name: str, request: Request) -> Any:
+            return await Ingress.v2(self, request, name, "model")
+
+        @app.get(oip.V2 + "/models/{name}/ready", summary="Open Inference Protocol: model ready",
+                 responses=oip.ERROR_RESPONSES)
+        async def v2_model_ready(self, name: str, request: Request) -> Any:
+            return await Ingress.v2(self, request, name, "model_ready")
+
+        @app.post(oip.V2 + "/models/{name}/infer", response_model=oip.InferResponse,
+                  responses=oip.ERROR_RESPONSES, openapi_extra=oip.INFER_OPENAPI,
+                  summary="Open Inference Protocol: classify a BYTES tensor of texts")
+        async def v2_infer(self, name: str, request: Request) -> Any:
+            return await Ingress.v2(self, request, name, "infer")
 
     RoutedIngress.body_type = body_type
     RoutedIngress.fast_path_key = app.state.fast_path_key

@@ -33,8 +33,9 @@ def make_fastapi_app(cfg: ServeConfig) -> Any:
 
     Middleware order, outermost first (Starlette runs the one added last outermost):
     1. `StatusMetricsMiddleware` counts every answer, fast path and errors included;
-    2. `ClassifyFastPath` answers valid `POST /v1/classify` bodies past FastAPI's layers;
-    3. FastAPI's routes, whose validation errors the handlers below answer.
+    2. `BodyLimit` answers 413 to bodies over `max_request_bytes`;
+    3. `ClassifyFastPath` answers valid `POST /v1/classify` bodies past FastAPI's layers;
+    4. FastAPI's routes, whose validation errors the handlers below answer.
     """
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
@@ -47,6 +48,7 @@ def make_fastapi_app(cfg: ServeConfig) -> Any:
                     "Send a bearer token in `Authorization` when the server has one configured.")
     app.state.fast_path_key = os.urandom(8).hex()  # this app's handler in FAST_CLASSIFY
     app.add_middleware(ClassifyFastPath, key=app.state.fast_path_key)
+    app.add_middleware(BodyLimit, limit=cfg.max_request_bytes)
     app.add_middleware(StatusMetricsMiddleware)
     max_texts, max_chars = cfg.max_texts, cfg.max_text_chars
 
@@ -104,6 +106,51 @@ class StatusMetricsMiddleware:
             route = getattr(scope.get("route"), "path", "unmatched")
             self.requests.inc(tags={"route": route, "status": str(status[0])})
             self.latency.observe((time.perf_counter() - t0) * 1000, tags={"route": route})
+
+
+class BodyLimit:
+    """413 for a body over `limit` bytes, by its Content-Length or, when chunked, as it comes.
+
+    Texts are truncated to max_length tokens rather than refused by length, so this is what
+    bounds the tokenising and memory one request can cost.
+    """
+
+    def __init__(self, app: Any, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        if length is not None:
+            if length.isdigit() and int(length) > self.limit:
+                await self._too_large(scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
+            return
+        chunks, size, message = [], 0, {"more_body": True}
+        while message.get("more_body", False):
+            message = await receive()
+            if message["type"] != "http.request":  # client gone: let the app see it
+                await self.app(scope, _replay(message, receive), send)
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                await self._too_large(scope, receive, send)
+                return
+        await self.app(scope, _replay({"type": "http.request", "body": b"".join(chunks),
+                                       "more_body": False}, receive), send)
+
+    async def _too_large(self, scope: dict, receive: Any, send: Any) -> None:
+        from distilray.serve.oip import error_response, is_v2
+
+        message = (f"the request body is over {self.limit} bytes (serve.max_request_bytes); "
+                   "send fewer or shorter texts per request")
+        response = (error_response(413, message) if is_v2(_route_path(scope))
+                    else error_json(413, "request_too_large", message))
+        await response(scope, receive, send)
 
 
 class ClassifyFastPath:

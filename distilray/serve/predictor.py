@@ -1,7 +1,9 @@
 """A checkpoint ready to classify: tokenise once, sort by length, pad per pass, forward.
 
-Torch and transformers only (imported inside the functions, so importing this is cheap);
-no Ray, so it is tested, benchmarked and reused without a cluster.
+The forward passes run on an engine mapping (input_ids, attention_mask) to logits: the torch
+model (`torch`, `int8`) or an ONNX Runtime session (`onnx`, `onnx-int8`, `onnx_backend`).
+Torch, transformers and onnxruntime are imported inside the functions, so importing this is
+cheap; no Ray, so it is tested, benchmarked and reused without a cluster.
 """
 
 from __future__ import annotations
@@ -13,12 +15,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from distilray.checkpoints import check_servable, checkpoint_info
+from distilray.checkpoints import check_servable, checkpoint_info, read_meta
 from distilray.errors import CheckpointError, ConfigError
+from distilray.onnx_backend import ORT_BACKENDS
 
 log = logging.getLogger(__name__)
 
 PAD_MULTIPLE = 8  # a forward pass is padded to a multiple of this many tokens
+BACKENDS = ("torch", "int8", *ORT_BACKENDS)
+DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -33,40 +38,46 @@ class Predictor:
 
     def __init__(self, checkpoint: str, max_length: int = 128, backend: str = "torch",
                  max_batch_tokens: int = 8192, device: str = "cpu", torch_threads: int = 0,
-                 pass_overhead_tokens: int | None = None):
+                 pass_overhead_tokens: int | None = None, dtype: str = "float32"):
         import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
 
         path = check_servable(checkpoint)
         if torch_threads > 0:
             torch.set_num_threads(torch_threads)
-        self.info = checkpoint_info(path)
+        self.device = torch.device(device)
+        check_dtype(dtype, self.device.type)
+        info = checkpoint_info(path, full_sha256=True)
+        weights_sha256 = info.pop("sha256")
+        self.info = info
         trained_len = self.info.get("max_length")
         if trained_len and trained_len != max_length:
             log.warning("serving with max_length=%d but %s was trained with max_length=%d",
                         max_length, path, trained_len)
         self.max_length = max_length
+        self.truncation = read_meta(path).get("truncation", "head")  # as it was trained
         self.max_batch_tokens = max_batch_tokens
-        self.device = torch.device(device)
         # CPU: a pass costs ~30-60 tokens of work beyond its own (2 cores; 64 measured best), so
         # splitting a length-sorted batch beats padding short texts to the longest. GPU: the
         # per-pass cost dwarfs padding, so one pass per token budget.
         self.pass_overhead_tokens = (pass_overhead_tokens if pass_overhead_tokens is not None
                                      else 64 if self.device.type == "cpu" else max_batch_tokens)
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        self.backend, self.dtype = backend, dtype
+        self.model: Any = None  # the torch module (torch and int8 backends)
+        if backend in ORT_BACKENDS:
+            from distilray.onnx_backend import load_engine
+
+            self.engine = load_engine(path, weights_sha256, backend,
+                                      torch_threads or torch.get_num_threads(), str(self.device),
+                                      dtype)
+        else:
+            self.model = load_torch_model(path, backend, self.device, dtype)
+            self.engine = self._torch_logits
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(str(path))
+            id2label = AutoConfig.from_pretrained(str(path)).id2label
         except (OSError, ValueError) as exc:
-            raise CheckpointError(f"cannot load {path} as a sequence classifier: {exc}") from None
-        model.eval()
-        if backend == "int8":
-            if self.device.type != "cpu":
-                raise ConfigError("serve.backend=int8 runs on CPU only; set serve.num_gpus=0 "
-                                  "or serve.backend=torch")
-            model = quantize_int8(model)
-        self.model = model.to(self.device)
-        self.backend = backend
-        id2label = model.config.id2label
+            raise CheckpointError(f"cannot read {path}/config.json: {exc}") from None
         self.labels = [str(id2label[i]) for i in range(len(id2label))]
         self.model_name = self.info.get("model_name") or path.name
         self.pad_id = self.tokenizer.pad_token_id or 0
@@ -80,7 +91,8 @@ class Predictor:
         """Logits (numpy, float32) in input order."""
         from distilray.data import tokenize_texts
 
-        return self.logits_for_ids(tokenize_texts(self.tokenizer, texts, self.max_length))
+        return self.logits_for_ids(tokenize_texts(self.tokenizer, texts, self.max_length,
+                                                  self.truncation))
 
     def logits_for_ids(self, ids: Sequence[Sequence[int]]) -> Any:
         """Logits of already tokenised rows (batch inference tokenises in its own stage)."""
@@ -94,10 +106,16 @@ class Predictor:
             for chunk in self.chunks([len(r) for r in ids]):
                 input_ids, mask = pad_batch([ids[i] for i in chunk], self.pad_id, "dynamic",
                                             self.max_length, PAD_MULTIPLE)
-                out = self.model(input_ids=torch.from_numpy(input_ids).to(self.device),
-                                 attention_mask=torch.from_numpy(mask).to(self.device))
-                result[chunk] = out.logits.float().cpu().numpy()
+                result[chunk] = self.engine(input_ids, mask)
         return result
+
+    def _torch_logits(self, input_ids: Any, mask: Any) -> Any:
+        """The torch engine: (input_ids, attention_mask) int64 arrays → float32 logits."""
+        import torch
+
+        out = self.model(input_ids=torch.from_numpy(input_ids).to(self.device),
+                         attention_mask=torch.from_numpy(mask).to(self.device))
+        return out.logits.float().cpu().numpy()
 
     def predict(self, texts: Sequence[str]) -> list[Prediction]:
         import numpy as np
@@ -145,6 +163,49 @@ def plan_chunks(lengths: Sequence[int], max_batch_tokens: int, pass_overhead_tok
         out.append(order[start[j]:j])
         j = start[j]
     return out[::-1]
+
+
+def check_dtype(dtype: str, device_type: str) -> None:
+    """Half precision is for GPUs: on CPU it is refused, not silently run in float32."""
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}")
+    if dtype != "float32" and device_type != "cuda":
+        raise ConfigError(f"dtype={dtype} needs a CUDA GPU (this replica runs on {device_type}); "
+                          "set dtype=float32 or give it a GPU")
+
+
+def torch_int8_available() -> bool:
+    """Whether this torch still has eager dynamic quantisation (deprecated in torch.ao)."""
+    try:
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def load_torch_model(path: Any, backend: str, device: Any, dtype: str) -> Any:
+    """The checkpoint as a torch module on `device` in `dtype` (int8: quantised, CPU only)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(str(path))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot load {path} as a sequence classifier: {exc}") from None
+    model.eval()
+    if backend == "int8":
+        if device.type != "cpu":
+            raise ConfigError("backend=int8 runs on CPU only; set serve.num_gpus=0 "
+                              "or backend=torch / onnx")
+        if not torch_int8_available():
+            raise ConfigError(f"backend=int8 needs torch.ao.quantization.quantize_dynamic, "
+                              f"which torch {torch.__version__} no longer has; "
+                              "use backend=onnx-int8 (pip install 'distilray[onnx]')")
+        model = quantize_int8(model)
+    elif backend != "torch":
+        raise ConfigError(f"backend={backend!r} is not one of torch, int8, "
+                          f"{', '.join(ORT_BACKENDS)}")
+    return model.to(device=device, dtype=getattr(torch, dtype) if backend == "torch" else None)
 
 
 def quantize_int8(model: Any) -> Any:

@@ -47,7 +47,7 @@ class ErrorResponse(BaseModel):
     detail: list[ErrorItem] = Field(default_factory=list)
 
 
-def request_models(max_texts: int, max_text_chars: int) -> tuple[type[BaseModel], type[BaseModel]]:
+def request_models(max_texts: int, max_text_chars: int | None) -> tuple[type[BaseModel], type[BaseModel]]:
     """`{"text": ...}` and `{"texts": [...]}` bodies with this server's limits in their schema."""
     one_text = Annotated[str, StringConstraints(min_length=1, max_length=max_text_chars,
                                                 pattern=NOT_ONLY_WHITESPACE)]
@@ -55,7 +55,9 @@ def request_models(max_texts: int, max_text_chars: int) -> tuple[type[BaseModel]
     class TextRequest(BaseModel):
         model_config = ConfigDict(extra="forbid", json_schema_extra={
             "examples": [{"text": "a charming and often affecting journey"}]})
-        text: one_text = Field(description=f"1 to {max_text_chars} characters, not all whitespace.")
+        text: one_text = Field(description=(
+            f"1 to {max_text_chars} characters" if max_text_chars else "Any length (truncated "
+            "to the model's max_length tokens)") + ", not all whitespace.")
 
     class TextsRequest(BaseModel):
         model_config = ConfigDict(extra="forbid", json_schema_extra={
@@ -78,7 +80,7 @@ def _field_name(loc: Sequence[Any]) -> str:
 
 
 def describe_validation_errors(errors: Sequence[dict[str, Any]], body: Any, max_texts: int,
-                               max_text_chars: int) -> tuple[int, ErrorResponse]:
+                               max_text_chars: int | None) -> tuple[int, ErrorResponse]:
     """Turn pydantic errors into (status, one readable error naming each field and limit)."""
     if any(e.get("type") == "json_invalid" for e in errors):
         return 400, ErrorResponse(
@@ -133,6 +135,7 @@ def error_json(status: int, error: str, message: str, **headers: str) -> Any:
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "Malformed JSON"},
     401: {"model": ErrorResponse, "description": "Missing or wrong bearer token"},
+    413: {"model": ErrorResponse, "description": "Request body over serve.max_request_bytes"},
     422: {"model": ErrorResponse, "description": "Invalid text(s): the field and limit are named"},
     503: {"model": ErrorResponse, "description": "Overloaded (see Retry-After) or no replica"},
     504: {"model": ErrorResponse, "description": "Classification took longer than the request timeout"},

@@ -30,10 +30,10 @@ def cached_tokenizer(model_name: str, cache_dir: str | None):
 
 
 def tokenize_arrow_batch(batch: pa.Table, model_name: str, cache_dir: str | None,
-                         max_length: int) -> pa.Table:
+                         max_length: int, truncation: str = "head") -> pa.Table:
     """Ray Data `map_batches` function: text → unpadded token ids; other columns pass through."""
     tokenizer = cached_tokenizer(model_name, cache_dir)
-    ids = tokenize_texts(tokenizer, batch.column("text").to_pylist(), max_length)
+    ids = tokenize_texts(tokenizer, batch.column("text").to_pylist(), max_length, truncation)
     out = batch.drop_columns(["text"])
     return out.append_column("input_ids", pa.array(ids, pa.list_(pa.int32())))
 
@@ -44,10 +44,11 @@ class OrderedShards(DataConfig):
     Contiguous splits keep `arrange_for_workers`' order (streaming_split would not).
     """
 
-    def __init__(self, model_name: str, cache_dir: str | None, max_length: int) -> None:
+    def __init__(self, model_name: str, cache_dir: str | None, max_length: int,
+                 truncation: str = "head") -> None:
         super().__init__(datasets_to_split=[])
         self.tokenize_kwargs = {"model_name": model_name, "cache_dir": cache_dir,
-                                "max_length": max_length}
+                                "max_length": max_length, "truncation": truncation}
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
         out: list[dict[str, Any]] = [{} for _ in range(world_size)]

@@ -258,7 +258,7 @@ def save_checkpoint(w: Worker, directory: Path, step: int, metrics: dict[str, An
     cfg, epoch = w.cfg, int(step // w.plan.steps_per_epoch)
     meta = {"run_name": cfg.train.name, "step": step, "epoch": epoch, "metrics": metrics,
             "model_name": cfg.model.name, "max_length": cfg.data.max_length,
-            "label_names": cfg.model.label_names, **w.objective.checkpoint_meta(cfg)}
+            "truncation": cfg.data.truncation, "label_names": cfg.model.label_names, **w.objective.checkpoint_meta(cfg)}
     state = {"optimizer": w.optimizer.state_dict(), "scheduler": w.scheduler.state_dict(),
              "scaler": w.scaler.state_dict() if w.scaler is not None else None,
              "step": step, "epoch": epoch}

@@ -154,7 +154,8 @@ def fit(run: PreparedRun, objective: Objective, callbacks: list | None = None,
             failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
             callbacks=callbacks),
         datasets=build_datasets(run, objective.extra_columns(run)),
-        dataset_config=OrderedShards(cfg.model.name, cfg.model.cache_dir, cfg.data.max_length),
+        dataset_config=OrderedShards(cfg.model.name, cfg.model.cache_dir, cfg.data.max_length,
+                                     cfg.data.truncation),
     )
     started = time.time()
     try:

@@ -50,7 +50,8 @@ def test_predict_keeps_every_column_and_row_order_and_flags_bad_rows(ray_4_cpus,
 
     summary = predict_files(cfg, str(tiny_checkpoint), str(inp), str(tmp_path / "out"))
 
-    assert (summary["rows"], summary["predicted"], summary["errors"], summary["files"]) == (305, 301, 4, 3)
+    # the 20,000-character text is truncated to max_length tokens, not refused
+    assert (summary["rows"], summary["predicted"], summary["errors"], summary["files"]) == (305, 302, 3, 3)
     assert json.loads((tmp_path / "out" / "_SUCCESS.json").read_text())["rows"] == 305
     a = pq.read_table(tmp_path / "out" / "part-00000.parquet")
     # the file's own label stays; the model's goes beside it
@@ -66,9 +67,12 @@ def test_predict_keeps_every_column_and_row_order_and_flags_bad_rows(ray_4_cpus,
         if (tmp_path / "out" / "part-00002.jsonl").exists() else \
         pq.read_table(tmp_path / "out" / "part-00002.parquet").to_pylist()
     assert [r["id"] for r in c] == [300, 301, 302, 303, 304]
-    assert [r["error"] is None for r in c] == [False, False, False, False, True]
-    assert [r["label"] is None for r in c] == [True, True, True, True, False]
-    assert "not a string" in c[2]["error"] and "characters" in c[3]["error"]
+    assert [r["error"] is None for r in c] == [False, False, False, True, True]
+    assert [r["label"] is None for r in c] == [True, True, True, False, False]
+    assert "not a string" in c[2]["error"]
+    long_ref = Predictor(str(tiny_checkpoint), max_length=64).predict(["long " * 4000])[0]
+    assert c[3]["label"] == long_ref.label
+    assert c[3]["probabilities"][1] == pytest.approx(long_ref.probabilities["positive"], abs=1e-5)
 
 
 def test_a_killed_job_resumes_with_exactly_one_row_per_input(ray_4_cpus, tiny_checkpoint, tmp_path):

@@ -141,6 +141,25 @@ def test_tokenize_truncates_and_pad_is_dynamic():
     assert input_ids.shape == (1, 128)
 
 
+def test_head_tail_truncation_keeps_the_start_and_the_end():
+    from distilray.model import load_tokenizer, resolve_model
+
+    tok = load_tokenizer(resolve_model("tiny"))
+    words = [f"w{i}" for i in range(400)]
+    text = " ".join(["alpha"] * 200 + ["omega"] * 200)
+    head = tokenize_texts(tok, [text, "a short one"], 64)
+    both = tokenize_texts(tok, [text, "a short one"], 64, truncation="head+tail")
+    assert both[1] == head[1]  # short texts are untouched
+    assert len(both[0]) == len(head[0]) == 64
+    assert both[0][0] == tok.cls_token_id and both[0][-1] == tok.sep_token_id
+    alpha, omega = tok.convert_tokens_to_ids(["alpha", "omega"])
+    assert both[0][1:-1] == [alpha] * 15 + [omega] * 47  # a quarter of the 62 content tokens
+    assert set(head[0][1:-1]) == {alpha}
+    assert len(tokenize_texts(tok, [" ".join(words)], 32, "head+tail")[0]) == 32
+    with pytest.raises(ValueError, match="truncation"):
+        tokenize_texts(tok, ["x"], 32, truncation="tail")
+
+
 def test_bucketing_reduces_padding_and_keeps_every_row():
     rng = np.random.default_rng(0)
     lengths = rng.integers(5, 120, 1000).tolist()

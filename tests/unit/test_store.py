@@ -226,3 +226,18 @@ def test_pipeline_run_names_are_unique_and_its_config_is_checked_before_any_run(
     out = capsys.readouterr().out
     assert f"train → distill → evaluate + gate → promote to {tmp_path}/store/sst2@production" in out
     assert not (tmp_path / "store").exists()  # a dry run writes nothing
+
+
+def test_an_onnx_backend_never_writes_into_a_bundle(tiny_ckpt, tmp_path, monkeypatch):
+    from distilray.serve.predictor import Predictor
+
+    monkeypatch.setenv("DISTILRAY_CACHE", str(tmp_path / "cache"))
+    store = ModelStore(str(tmp_path / "store"))
+    version = _publish(store, tiny_ckpt)
+    bundle = store.local_bundle("sst2", version)
+    pred = Predictor(str(bundle), max_length=64, backend="onnx")
+    torch_pred = Predictor(str(bundle), max_length=64)
+    assert [p.label for p in pred.predict(["fine", "awful"])] == \
+        [p.label for p in torch_pred.predict(["fine", "awful"])]
+    assert verify_bundle(bundle)  # still exactly its manifest's files
+    assert list((tmp_path / "cache" / "onnx").rglob("*.onnx"))
