@@ -37,7 +37,14 @@ from distilray.metrics import confusion_counts, metrics_from_confusion
 from distilray.runtime import quiet_ray_data
 from distilray.train.batches import PadCollate, TimedIterator, cached_tokenizer
 from distilray.train.objective import Objective
-from distilray.train.plan import TrainPlan, build_optimizer, build_scheduler, step_seed
+from distilray.train.plan import (
+    TrainPlan,
+    build_optimizer,
+    build_scheduler,
+    rank_micro_batches,
+    slots_per_step,
+    step_seed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +108,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     batches = TimedIterator(ray.train.get_dataset_shard("train").iter_torch_batches(
         batch_size=tc.batch_size, collate_fn=w.train_collate, prefetch_batches=2))
     progress = ProgressWindow(w, batches)
-    accum, skip, micro = tc.grad_accum_steps, step * tc.grad_accum_steps, 0
+    # The global batch is fixed by the configured workers: S slots per step, this rank runs
+    # `accum` of them (more when an elastic run continues on fewer workers), and each slot's
+    # loss is scaled by world/S so DDP's mean over ranks is the mean over all S slots.
+    slots = slots_per_step(tc.num_workers, tc.grad_accum_steps)
+    accum = rank_micro_batches(slots, w.world, w.rank)
+    scale, skip, micro = w.world / slots, step * accum, 0
     want_hidden = objective.needs_hidden_states(cfg)
     torch.manual_seed(step_seed(tc.seed, w.rank, step))
     for index, batch in enumerate(batches):
@@ -115,7 +127,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                             output_hidden_states=want_hidden)
                 loss = objective.loss(cfg, out, batch)
-            (w.scaler.scale(loss / accum) if w.scaler else loss / accum).backward()
+            (w.scaler.scale(loss * scale) if w.scaler else loss * scale).backward()
         micro += 1
         progress.add(loss.item(), batch["labels"].shape[0])
         if not sync:
@@ -203,7 +215,12 @@ def restore(w: Worker) -> int:
     if w.rank == 0:
         epoch = step // w.plan.steps_per_epoch
         log.info("restored from checkpoint at step %d (epoch %d)", step, epoch)
-        w.runlog.write({"event": "restored", "step": step, "epoch": epoch})
+        w.runlog.write({"event": "restored", "step": step, "epoch": epoch, "workers": w.world})
+        if w.world != w.cfg.train.num_workers:
+            log.info("continuing on %d of train.num_workers=%d workers; the global batch stays "
+                     "%d rows (each worker accumulates more micro-batches)", w.world,
+                     w.cfg.train.num_workers,
+                     w.cfg.train.batch_size * w.cfg.train.num_workers * w.cfg.train.grad_accum_steps)
     return step
 
 
@@ -314,7 +331,7 @@ class ProgressWindow:
         self.epoch_sum, self.epoch_n = self.epoch_sum + loss_sum, self.epoch_n + n
         if w.rank == 0:
             rate = rows / elapsed if elapsed > 0 else 0.0
-            global_batch = tc.batch_size * w.world * tc.grad_accum_steps
+            global_batch = tc.batch_size * tc.num_workers * tc.grad_accum_steps
             eta = (w.plan.total_steps - step) * global_batch / rate if rate else 0
             data_wait = self.batches.take_waited() / elapsed if elapsed > 0 else 0.0
             epoch, lr = step / w.plan.steps_per_epoch, w.scheduler.get_last_lr()[0]
