@@ -33,3 +33,10 @@ class ClusterError(DistilrayError):
 
 class RunFailed(DistilrayError):
     """A run that started and failed (the CLI exits 1; input problems exit 2)."""
+
+
+class StorageError(RunFailed, OSError):
+    """A write the storage refused (disk full, read-only, over quota); names the path.
+
+    An OSError too, so callers that handle file errors keep handling it.
+    """

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -32,7 +33,8 @@ import torch.nn.functional as F
 from distilray import checkpoints
 from distilray.checkpoints import METRICS_FILE, TRAINING_STATE, checkpoint_name
 from distilray.config import Config, config_from_dict
-from distilray.files import is_uri
+from distilray.errors import StorageError
+from distilray.files import is_uri, storage_error, storage_fault
 from distilray.metrics import confusion_counts, metrics_from_confusion
 from distilray.runtime import quiet_ray_data
 from distilray.train.batches import PadCollate, TimedIterator, cached_tokenizer
@@ -66,8 +68,12 @@ class RunLog:
             with fs.open_output_stream(f"{root}/{METRICS_FILE}") as out:
                 out.write("".join(json.dumps(r) + "\n" for r in self._records).encode())
             return
-        with open(Path(self.run_dir) / METRICS_FILE, "a") as fh:
-            fh.write(line)
+        path = Path(self.run_dir) / METRICS_FILE
+        try:
+            with open(path, "a") as fh:
+                fh.write(line)
+        except OSError as exc:
+            raise storage_fault_error(self.run_dir, str(path), exc, "training log") from exc
 
 
 @dataclass
@@ -197,6 +203,8 @@ def record_worker(runlog: RunLog, rank: int) -> None:
 def restore(w: Worker) -> int:
     """Load the latest checkpoint Ray Train hands this worker; returns the step to continue from."""
     checkpoint = ray.train.get_checkpoint()
+    if w.rank == 0:
+        raise_recorded_storage_fault(w.runlog.run_dir)
     if checkpoint is None:
         if w.rank == 0:
             w.runlog.write({"event": "start", "step": 0, "total_steps": w.plan.total_steps,
@@ -260,9 +268,58 @@ def evaluate_and_report(w: Worker, step: int, train_loss: float | None) -> None:
              step, metrics["epoch"], metrics["eval_accuracy"], metrics["eval_macro_f1"],
              metrics["eval_loss"], metrics["eval_count"])
     with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(w, Path(tmp), step, metrics)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=checkpoint_name(step))
+        try:
+            save_checkpoint(w, Path(tmp), step, metrics)
+        except OSError as exc:
+            raise storage_fault_error(w.runlog.run_dir, tmp, exc, "checkpoint (local staging)") from exc
+        dest = f"{w.runlog.run_dir}/{checkpoint_name(step)}"
+        try:
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=checkpoint_name(step))
+        except OSError as exc:
+            if storage_fault(exc) is None:
+                raise
+            if not is_uri(dest):  # the half-copied directory: nobody registered it, free its space
+                shutil.rmtree(dest, ignore_errors=True)
+            raise storage_fault_error(w.runlog.run_dir, dest, exc, "checkpoint") from exc
+
+
+STORAGE_FAULT_NAMESPACE = "distilray_storage_faults"
+
+
+def storage_fault_error(run_dir: str, path: str, exc: OSError, what: str) -> Exception:
+    """The one-line error for a refused write, remembered in the GCS for this run directory so
+    the restarts Ray Train makes fail at once instead of training to the next checkpoint again
+    (the driver forgets it when a run starts: a rerun after freeing space resumes)."""
+    fault = storage_fault(exc)
+    if fault is None:
+        return exc
+    error = storage_error(path, fault, what)
+    from ray.experimental import internal_kv
+
+    with contextlib.suppress(Exception):
+        internal_kv._internal_kv_put(run_dir, str(error), overwrite=True,
+                                     namespace=STORAGE_FAULT_NAMESPACE)
+    return error
+
+
+def raise_recorded_storage_fault(run_dir: str) -> None:
+    """A restart of a run whose storage refused a write fails at once with the same line."""
+    from ray.experimental import internal_kv
+
+    try:
+        recorded = internal_kv._internal_kv_get(run_dir, namespace=STORAGE_FAULT_NAMESPACE)
+    except Exception:  # no GCS client in this process: nothing recorded
+        return
+    if recorded:
+        raise StorageError(recorded.decode())
+
+
+def forget_storage_fault(run_dir: str) -> None:
+    from ray.experimental import internal_kv
+
+    with contextlib.suppress(Exception):
+        internal_kv._internal_kv_del(run_dir, namespace=STORAGE_FAULT_NAMESPACE)
 
 
 def save_checkpoint(w: Worker, directory: Path, step: int, metrics: dict[str, Any]) -> None:

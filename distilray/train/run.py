@@ -25,12 +25,19 @@ from ray.train.torch import TorchTrainer
 from distilray.checkpoints import METRICS_FILE, RUN_CONFIG_FILE, write_result
 from distilray.config import Config, config_to_dict, dump_config
 from distilray.data import Splits, load_splits, tokenize_texts
-from distilray.errors import ClusterError, ConfigError, DistilrayError, RunFailed
-from distilray.files import check_storage_writable, is_uri, read_jsonl, resolve_storage
+from distilray.errors import ClusterError, ConfigError, DistilrayError, RunFailed, StorageError
+from distilray.files import (
+    check_storage_writable,
+    is_uri,
+    read_jsonl,
+    resolve_storage,
+    storage_failure,
+    write_text_atomic,
+)
 from distilray.model import load_tokenizer, resolve_model
 from distilray.runtime import DATA_CPUS, connect_ray
 from distilray.train.batches import OrderedShards
-from distilray.train.loop import train_loop_per_worker
+from distilray.train.loop import forget_storage_fault, train_loop_per_worker
 from distilray.train.objective import Objective
 from distilray.train.plan import TrainPlan, global_order, make_plan, slots_per_step
 
@@ -169,9 +176,10 @@ def run_training(cfg: Config, objective: Objective, dry_run: bool = False,
 def fit(run: PreparedRun, objective: Objective, callbacks: list | None = None) -> dict[str, Any]:
     """Run the TorchTrainer; the objective's extra columns (computed once) travel with the rows."""
     cfg, tc, run_dir = run.cfg, run.cfg.train, run.run_dir
+    forget_storage_fault(run_dir)  # a rerun after freeing space resumes from the last checkpoint
     if not is_uri(run_dir):
         Path(run_dir).mkdir(parents=True, exist_ok=True)
-        (Path(run_dir) / RUN_CONFIG_FILE).write_text(dump_config(cfg))
+        write_text_atomic(Path(run_dir) / RUN_CONFIG_FILE, dump_config(cfg))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config_to_dict(cfg), "plan": run.plan.to_dict(),
@@ -195,6 +203,9 @@ def fit(run: PreparedRun, objective: Objective, callbacks: list | None = None) -
     except DistilrayError:
         raise
     except Exception as exc:  # Ray wraps worker errors; show the cause in one line
+        storage = storage_failure(exc)
+        if storage:
+            raise StorageError(f"training run '{tc.name}' failed: {storage}") from exc
         raise RunFailed(f"training run '{tc.name}' failed: {summarise_failure(exc)} "
                         f"(logs and checkpoints: {run_dir})") from exc
     summary = summarise_result(run, result, started)
