@@ -38,7 +38,7 @@ def storage_fault(exc: BaseException) -> OSError | None:
     if not isinstance(exc, OSError) or isinstance(exc, StorageError):
         return None
     if exc.errno in STORAGE_FAULTS:
-        return exc
+        return OSError(exc.errno, os.strerror(exc.errno))
     text = str(exc)
     for code in STORAGE_FAULTS:
         if os.strerror(code) in text:

@@ -86,11 +86,16 @@ def _summary_lines(exp: ExperimentSummary) -> list[str]:
         counts[t.status] = counts.get(t.status, 0) + 1
     epochs = sum(t.epochs_run for t in exp.trials)
     status = ", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=lambda kv: STATUS_ORDER.get(kv[0], 9)))
-    return [f"{len(exp.trials)} trials ({status or 'none yet'}); scheduler {exp.scheduler}, "
-            f"optimising {exp.metric} ({exp.mode}).",
-            f"Trial-epochs run: {epochs:.1f} of {len(exp.trials) * exp.max_epochs:g} "
-            f"({len(exp.trials)} trials × {exp.max_epochs:g} epochs) — "
-            f"{100 * epochs / max(1e-9, len(exp.trials) * exp.max_epochs):.0f}%."]
+    lines = [f"{len(exp.trials)} trials ({status or 'none yet'}); scheduler {exp.scheduler}, "
+             f"optimising {exp.metric} ({exp.mode}).",
+             f"Trial-epochs run: {epochs:.1f} of {len(exp.trials) * exp.max_epochs:g} "
+             f"({len(exp.trials)} trials × {exp.max_epochs:g} epochs) — "
+             f"{100 * epochs / max(1e-9, len(exp.trials) * exp.max_epochs):.0f}%."]
+    restarted = [t for t in sorted(exp.trials, key=lambda t: t.trial_id) if t.restarts]
+    if restarted:
+        lines.append("Retried from a checkpoint after a failure (a lost worker, node or trial driver): "
+                     + ", ".join(f"trial {t.trial_id} ({t.restarts}×)" for t in restarted) + ".")
+    return lines
 
 
 def _best_lines(exp: ExperimentSummary) -> tuple[list[str], str | None]:

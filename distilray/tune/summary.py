@@ -15,7 +15,7 @@ from typing import Any
 from distilray.config import load_config
 from distilray.errors import ConfigError
 from distilray.files import read_jsonl
-from distilray.tune.experiment import BEST_FILE, CONFIG_FILE, EVENTS_FILE
+from distilray.tune.experiment import BEST_FILE, CONFIG_FILE, EVENTS_FILE, RUNS_DIR
 from distilray.tune.space import max_epochs
 
 
@@ -33,6 +33,9 @@ class TrialSummary:
     epochs_run: float = 0.0
     time_s: float = 0.0
     dir: str = ""
+    restarts: int = 0
+    """Times the trial's Train run resumed from a checkpoint after a failure (a dead worker,
+    node or trial driver): `restored` events in runs/<trial>/metrics.jsonl."""
 
     @property
     def stopped_early(self) -> bool:
@@ -116,7 +119,10 @@ def load_experiment_summary(exp_dir: str | Path) -> ExperimentSummary:
     for trial_dir in _trial_dirs(exp_dir):
         rows = read_jsonl(trial_dir / "result.json")
         tid = _trial_id(trial_dir, rows)
-        trials.append(summarise_trial(trial_dir, tc.metric, tc.mode, last_events.get(tid)))
+        trial = summarise_trial(trial_dir, tc.metric, tc.mode, last_events.get(tid))
+        trial.restarts = sum(r.get("event") == "restored"
+                             for r in read_jsonl(exp_dir / RUNS_DIR / tid / "metrics.jsonl"))
+        trials.append(trial)
     best = json.loads((exp_dir / BEST_FILE).read_text()) if (exp_dir / BEST_FILE).exists() else None
     return ExperimentSummary(name=exp_dir.name, dir=exp_dir, metric=tc.metric, mode=tc.mode,
                              scheduler=tc.scheduler, space=dict(tc.space), max_epochs=max_epochs(cfg),

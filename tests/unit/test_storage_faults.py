@@ -29,23 +29,34 @@ def _mount(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["mount", *args], capture_output=True, text=True, check=False)
 
 
+def mounted_tmpfs(mnt: Path, size: str):
+    """Mount a tmpfs of `size` at `mnt` for the duration (a generator for fixtures)."""
+    mnt.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    out = _mount("-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt))
+    if out.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {out.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        remount(mnt, "rw")
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def remount(mnt: Path, mode: str) -> None:
+    assert _mount("-o", f"remount,{mode}", str(mnt)).returncode == 0
+
+
 @pytest.fixture
 def small_fs(tmp_path):
     """A 512 KiB tmpfs at tmp_path/fs, unmounted afterwards."""
-    mnt = tmp_path / "fs"
-    mnt.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    out = _mount("-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mnt))
-    if out.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {out.stderr.strip()}")
-    yield mnt
-    _mount("-o", "remount,rw", str(mnt))
-    subprocess.run(["umount", str(mnt)], check=False)
+    yield from mounted_tmpfs(tmp_path / "fs", "512k")
 
 
-def fill(directory: Path) -> Path:
-    """Fill the filesystem to the last byte; returns the filler (delete it to free the space)."""
+def fill(directory: Path, leave: int = 0) -> Path:
+    """Fill the filesystem up to the last byte (or `leave` bytes); returns the filler (delete it
+    to free the space)."""
     filler = directory / "filler"
     fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     try:
@@ -57,6 +68,8 @@ def fill(directory: Path) -> Path:
                 pass
     finally:
         os.close(fd)
+    if leave:
+        os.truncate(filler, max(0, filler.stat().st_size - leave))
     return filler
 
 
@@ -83,7 +96,7 @@ def test_full_disk_write_names_the_path_and_keeps_the_old_file(small_fs):
 def test_read_only_storage_names_the_path(small_fs):
     target = small_fs / "metrics.json"
     write_json_atomic(target, {"ok": 1})
-    assert _mount("-o", "remount,ro", str(small_fs)).returncode == 0
+    remount(small_fs, "ro")
     with pytest.raises(StorageError, match=rf"^cannot write {target}: the file system is read-only"):
         write_json_atomic(target, {"ok": 2})
     with pytest.raises(ConfigError, match=r"train.storage_path=.* is not writable \(Read-only file system\)"):
