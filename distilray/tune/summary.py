@@ -95,10 +95,11 @@ def summarise_trial(trial_dir: Path, metric: str, mode: str,
         summary.best_epoch, summary.best_value = pick
         summary.epochs_run = curve[-1][0]
     last = ordered[-1] if ordered else {}
-    if (trial_dir / "error.txt").exists():
-        summary.status = "error"
-    elif last.get("total_steps") is not None and last.get("step", -1) >= last["total_steps"]:
+    # Finished wins over error.txt: Tune writes it on every failure, also one it then retried.
+    if last.get("total_steps") is not None and last.get("step", -1) >= last["total_steps"]:
         summary.status = "done"
+    elif (trial_dir / "error.txt").exists():
+        summary.status = "error"
     elif last_event is not None and last_event.get("state", "").startswith("stopped early"):
         summary.status = "stopped early"
     return summary
