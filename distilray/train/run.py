@@ -31,7 +31,9 @@ from distilray.files import (
     is_uri,
     read_jsonl,
     resolve_storage,
+    storage_error,
     storage_failure,
+    storage_fault,
     write_text_atomic,
 )
 from distilray.model import load_tokenizer, resolve_model
@@ -203,7 +205,7 @@ def fit(run: PreparedRun, objective: Objective, callbacks: list | None = None) -
     except DistilrayError:
         raise
     except Exception as exc:  # Ray wraps worker errors; show the cause in one line
-        storage = storage_failure(exc)
+        storage = storage_failure(exc) or ray_storage_failure(exc, run_dir)
         if storage:
             raise StorageError(f"training run '{tc.name}' failed: {storage}") from exc
         raise RunFailed(f"training run '{tc.name}' failed: {summarise_failure(exc)} "
@@ -246,6 +248,23 @@ def best_checkpoint(result: Any, attribute: str, order: str) -> tuple[str, dict[
     if not candidates:
         return None
     return (max if order == "max" else min)(candidates, key=lambda c: c[1][attribute])
+
+
+def ray_storage_failure(exc: BaseException, run_dir: str) -> str | None:
+    """A refused write by Ray Train itself (its controller writes the checkpoint snapshot into
+    the run directory), found in the exception's causes; the line names the path."""
+    seen: list[BaseException] = []
+    todo: list[BaseException] = [exc]
+    while todo and len(seen) < 20:
+        e = todo.pop()
+        seen.append(e)
+        fault = storage_fault(e)
+        if fault is not None:
+            return str(storage_error(getattr(e, "filename", None) or run_dir, fault))
+        todo += [c for c in (getattr(e, "controller_failure", None), e.__cause__, e.__context__,
+                             *getattr(e, "worker_failures", {}).values())
+                 if isinstance(c, BaseException) and c not in seen]
+    return None
 
 
 def summarise_failure(exc: BaseException) -> str:
