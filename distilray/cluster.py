@@ -467,6 +467,60 @@ def cluster_down(state_dir: Path, *, purge: bool = False) -> ClusterState | None
     return state
 
 
+def lose_node(state_dir: Path, name: str) -> list[int]:
+    """SIGKILL every process of one recorded node at once, as a spot reclaim or a lost host would:
+    no drain, no goodbye to the GCS. Returns the killed pids (for fault tests and drills)."""
+    state = ClusterState.load(state_dir)
+    node = next((n for n in state.nodes if n.name == name), None) if state else None
+    if node is None:
+        raise ClusterError(f"no node named {name!r} recorded in {state_dir}")
+    if node.name == "head":
+        raise ClusterError("losing the head ends the cluster; lose a worker node")
+    return _kill_session(node.pid) if node_alive(node) else []
+
+
+def rejoin_node(state_dir: Path, name: str, *, timeout_s: float = 120.0,
+                environ: Mapping[str, str] | None = None) -> NodeProcess:
+    """Start a recorded worker node again (same resources) after it was lost; returns once the
+    GCS counts it ALIVE. The node joins as a new Ray node (a new node id)."""
+    state = ClusterState.load(state_dir)
+    old = next((n for n in state.nodes if n.name == name), None) if state else None
+    if state is None or old is None or old.name == "head":
+        raise ClusterError(f"no worker node named {name!r} recorded in {state_dir}")
+    if node_alive(old):
+        raise ClusterError(f"node {name} (pid {old.pid}) is still running")
+    env = with_serve_high_throughput(os.environ if environ is None else environ)
+    env.update({"RAY_AUTH_MODE": state.auth_mode, "RAY_ADDRESS": state.gcs_address})
+    env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "5")
+    if state.token_path:
+        env.setdefault("RAY_AUTH_TOKEN_PATH", state.token_path)
+    spec = NodeSpec(old.name, old.num_cpus, old.num_gpus, dict(old.resources))
+    cmd = ray_start_command(spec, gcs_port=int(state.gcs_address.rsplit(":", 1)[1]),
+                            agent_port=_free_port(), temp_dir=state.temp_dir, head=False,
+                            ray_bin=_ray_bin())
+    token = read_token(resolve_auth(env, Path.home()), env) if state.auth_mode == "token" else None
+    label = max(old.resources, key=len)  # distilray_worker_<i>: this node's own resource
+
+    def alive_ids() -> set[str]:
+        return {n["node_id"] for n in list_nodes(state.dashboard_url, token)
+                if n["state"] == "ALIVE" and label in n.get("resources_total", {})}
+
+    before = alive_ids()  # the lost node may still count as ALIVE until its heartbeats time out
+    log_path = Path(old.log)
+    with open(log_path, "a") as fh:
+        fh.write("\n--- rejoin ---\n")
+    node = _record(name, _spawn(cmd, log_path, env), log_path, spec)
+    state.nodes[state.nodes.index(old)] = node
+    state.save(state_dir)
+    deadline = time.monotonic() + timeout_s
+    while not alive_ids() - before:
+        if not node_alive(node) or time.monotonic() > deadline:
+            raise ClusterError(f"node {name} did not rejoin within {timeout_s:.0f} s; last lines "
+                               f"of {log_path}:\n{_tail(log_path)}")
+        time.sleep(1.0)
+    return node
+
+
 def cluster_status(state_dir: Path, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     env = os.environ if environ is None else environ
     state = ClusterState.load(state_dir)

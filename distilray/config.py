@@ -99,6 +99,13 @@ class TrainConfig:
     faster fp32 steps. Off = stock torch dropout and SDPA."""
     seed: int = 42
     num_workers: int = _opt(1, ge=1)
+    min_workers: int | None = _opt(None, ge=1)
+    """Elastic training: keep going on as few as this many workers when nodes are lost, and grow
+    back to num_workers when capacity returns (None = num_workers: a fixed-size run). The global
+    batch stays batch_size × num_workers × grad_accum_steps (fewer workers accumulate more)."""
+    elastic_resize_interval_s: float = _opt(60.0, ge=0.0)
+    """With min_workers < num_workers: how often a running elastic job checks for room to grow
+    (Ray Train's elastic_resize_monitor_interval_s); growing restarts from the latest checkpoint."""
     use_gpu: bool = False
     cpus_per_worker: float = _opt(1.0, gt=0.0)
     gpus_per_worker: float = _opt(1.0, ge=0.0)
@@ -654,6 +661,10 @@ def cross_check(cfg: Config) -> list[str]:
         problems.append(
             f"model.label_names has {len(cfg.model.label_names)} names but model.num_labels="
             f"{cfg.model.num_labels}; give one name per class")
+    tc = cfg.train
+    if tc.min_workers is not None and tc.min_workers > tc.num_workers:
+        problems.append(f"train.min_workers={tc.min_workers} must be <= train.num_workers="
+                        f"{tc.num_workers} (the most workers an elastic run grows to)")
     s = cfg.serve
     for key, dtype, gpus in (("serve", s.dtype, s.num_gpus),
                              ("predict", cfg.predict.dtype, cfg.predict.gpus_per_actor)):

@@ -45,3 +45,10 @@ class PromotionRefused(RunFailed):
     def __init__(self, failures: list[str]):
         self.failures = list(failures)
         super().__init__("promotion refused, nothing changed: " + "; ".join(self.failures))
+
+
+class StorageError(RunFailed, OSError):
+    """A write the storage refused (disk full, read-only, over quota); names the path.
+
+    An OSError too, so callers that handle file errors keep handling it.
+    """

@@ -7,6 +7,7 @@ complete file into place, so a reader sees the old content or the new, never hal
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -17,7 +18,55 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from distilray.errors import ConfigError
+from distilray.errors import ConfigError, StorageError
+
+STORAGE_FAULTS = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
+                  errno.EDQUOT: "the disk quota is exceeded", errno.EACCES: "permission denied",
+                  errno.EPERM: "permission denied", errno.EFBIG: "the file is too large"}
+
+
+def storage_error(path: str | Path, exc: OSError, what: str = "") -> StorageError:
+    """One line naming the path, what the storage said, and what was kept."""
+    reason = STORAGE_FAULTS.get(exc.errno or 0, exc.strerror or str(exc))
+    detail = f" ({exc.strerror})" if exc.strerror and exc.strerror.lower() != reason else ""
+    return StorageError(f"cannot write {what + ' ' if what else ''}{path}: {reason}{detail}; "
+                        "what was there before is unchanged")
+
+
+def storage_fault(exc: BaseException) -> OSError | None:
+    """The OSError behind a refused write (pyarrow's carry no errno, only the text), or None."""
+    if not isinstance(exc, OSError) or isinstance(exc, StorageError):
+        return None
+    if exc.errno in STORAGE_FAULTS:
+        return OSError(exc.errno, os.strerror(exc.errno))
+    text = str(exc)
+    for code in STORAGE_FAULTS:
+        if os.strerror(code) in text:
+            return OSError(code, os.strerror(code))
+    return None
+
+
+def storage_failure(exc: BaseException) -> str | None:
+    """The StorageError line inside an error's text (Ray wraps worker errors in text), if a write was refused."""
+    for line in reversed(str(exc).splitlines()):
+        head, sep, message = line.partition("StorageError: ")
+        if sep and message.strip():
+            return message.strip()
+    return None
+
+
+def _raise_storage_fault(path: Path, exc: OSError, what: str = "") -> None:
+    fault = storage_fault(exc)
+    if fault is not None:
+        raise storage_error(path, fault, what) from exc
+
+
+def _remove_quietly(path: Path) -> None:
+    """Remove our temp file; on a read-only filesystem there is none to remove."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def _temp_sibling(path: Path) -> Path:
@@ -27,13 +76,16 @@ def _temp_sibling(path: Path) -> Path:
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """Replace `path` with `text`; the parent directory is created if missing."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_sibling(path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(text)
         os.replace(tmp, path)
+    except OSError as exc:
+        _raise_storage_fault(path, exc)
+        raise
     finally:
-        tmp.unlink(missing_ok=True)
+        _remove_quietly(tmp)
     return path
 
 
@@ -46,13 +98,16 @@ def write_parquet_atomic(table: Any, path: str | Path) -> Path:
     import pyarrow.parquet as pq
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_sibling(path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(table, tmp)
         os.replace(tmp, path)
+    except OSError as exc:
+        _raise_storage_fault(path, exc)
+        raise
     finally:
-        tmp.unlink(missing_ok=True)
+        _remove_quietly(tmp)
     return path
 
 

@@ -1,7 +1,7 @@
 """Ray Data glue: tokenisation on the cluster, ordered per-worker shards, the padding collate.
 
-The driver lays the training rows out so that contiguous equal parts are each worker's
-batches in step order (`plan.arrange_for_workers`); `OrderedShards` cuts them that way and
+The driver puts the training rows in slot order (`plan.global_order`); `OrderedShards`
+gives each worker of the current worker group its slots (`plan.rank_row_indices`) and
 tokenises each part with Ray Data `map_batches`; each worker pads its batches with
 `PadCollate` inside `iter_torch_batches`.
 """
@@ -14,13 +14,15 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import ray
+import ray.data
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.train import DataConfig
 
 from distilray.data import pad_batch, tokenize_texts
 from distilray.model import load_tokenizer, resolve_model
-from distilray.train.plan import even_split_indices
+from distilray.train.plan import even_split_indices, rank_row_indices
 
 
 @lru_cache(maxsize=4)
@@ -39,24 +41,33 @@ def tokenize_arrow_batch(batch: pa.Table, model_name: str, cache_dir: str | None
 
 
 class OrderedShards(DataConfig):
-    """Contiguous, ordered per-worker parts, tokenised on the cluster.
+    """Ordered per-worker parts for however many workers this (re)start has, tokenised on the cluster.
 
-    Contiguous splits keep `arrange_for_workers`' order (streaming_split would not).
+    `train` arrives in slot order (`plan.global_order`); each worker gets the slots
+    `plan.rank_row_indices` gives its rank, so an elastic restart on fewer (or more) workers
+    keeps every optimizer step's rows. Other datasets are cut into contiguous parts (which keep
+    their order; streaming_split would not). Ray Train calls `configure` on every worker-group
+    start, with that start's world size.
     """
 
     def __init__(self, model_name: str, cache_dir: str | None, max_length: int,
-                 truncation: str = "head") -> None:
+                 truncation: str = "head", batch_size: int | None = None,
+                 slots_per_step: int | None = None) -> None:
         super().__init__(datasets_to_split=[])
         self.tokenize_kwargs = {"model_name": model_name, "cache_dir": cache_dir,
                                 "max_length": max_length, "truncation": truncation}
+        self.batch_size, self.slots_per_step = batch_size, slots_per_step
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
         out: list[dict[str, Any]] = [{} for _ in range(world_size)]
         for name, ds in datasets.items():
             ds = ds.copy(ds)
             ds.context.execution_options.preserve_order = True  # the layout is the schedule
-            cuts = even_split_indices(ds.count(), world_size)
-            parts = ds.split_at_indices(cuts) if cuts else [ds]
+            if name == "train" and self.batch_size and self.slots_per_step:
+                parts = self.slot_parts(ds, world_size)
+            else:
+                cuts = even_split_indices(ds.count(), world_size)
+                parts = ds.split_at_indices(cuts) if cuts else [ds]
             for rank, part in enumerate(parts):
                 tokenized = part.map_batches(tokenize_arrow_batch, batch_format="pyarrow",
                                              batch_size=512, fn_kwargs=self.tokenize_kwargs)
@@ -64,6 +75,18 @@ class OrderedShards(DataConfig):
                 tokenized.context.execution_options.preserve_order = True
                 out[rank][name] = tokenized.iterator()
         return out
+
+    def slot_parts(self, ds: ray.data.Dataset, world_size: int) -> list[ray.data.Dataset]:
+        """One dataset per rank holding its slots in step order (the rows are small: text)."""
+        table = pa.concat_tables(ray.get(ds.to_arrow_refs()))
+        assert self.batch_size and self.slots_per_step
+        indices = rank_row_indices(table.num_rows, self.batch_size, self.slots_per_step, world_size)
+        parts = []
+        for index in indices:
+            part = ray.data.from_arrow(table.take(pa.array(index)))
+            part.context.execution_options.preserve_order = True
+            parts.append(part)
+        return parts
 
 
 class PadCollate(NumpyBatchCollateFn):

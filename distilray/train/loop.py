@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -32,12 +33,20 @@ import torch.nn.functional as F
 from distilray import checkpoints, tracking
 from distilray.checkpoints import METRICS_FILE, TRAINING_STATE, checkpoint_name
 from distilray.config import Config, config_from_dict
-from distilray.files import is_uri
+from distilray.errors import StorageError
+from distilray.files import is_uri, storage_error, storage_fault
 from distilray.metrics import confusion_counts, metrics_from_confusion
 from distilray.runtime import quiet_ray_data
 from distilray.train.batches import PadCollate, TimedIterator, cached_tokenizer
 from distilray.train.objective import Objective
-from distilray.train.plan import TrainPlan, build_optimizer, build_scheduler, step_seed
+from distilray.train.plan import (
+    TrainPlan,
+    build_optimizer,
+    build_scheduler,
+    rank_micro_batches,
+    slots_per_step,
+    step_seed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +72,12 @@ class RunLog:
             with fs.open_output_stream(f"{root}/{METRICS_FILE}") as out:
                 out.write("".join(json.dumps(r) + "\n" for r in self._records).encode())
             return
-        with open(Path(self.run_dir) / METRICS_FILE, "a") as fh:
-            fh.write(line)
+        path = Path(self.run_dir) / METRICS_FILE
+        try:
+            with open(path, "a") as fh:
+                fh.write(line)
+        except OSError as exc:
+            raise storage_fault_error(self.run_dir, str(path), exc, "training log") from exc
 
 
 @dataclass
@@ -105,7 +118,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     batches = TimedIterator(ray.train.get_dataset_shard("train").iter_torch_batches(
         batch_size=tc.batch_size, collate_fn=w.train_collate, prefetch_batches=2))
     progress = ProgressWindow(w, batches)
-    accum, skip, micro = tc.grad_accum_steps, step * tc.grad_accum_steps, 0
+    # The global batch is fixed by the configured workers: S slots per step, this rank runs
+    # `accum` of them (more when an elastic run continues on fewer workers), and each slot's
+    # loss is scaled by world/S so DDP's mean over ranks is the mean over all S slots.
+    slots = slots_per_step(tc.num_workers, tc.grad_accum_steps)
+    accum = rank_micro_batches(slots, w.world, w.rank)
+    scale, skip, micro = w.world / slots, step * accum, 0
     want_hidden = objective.needs_hidden_states(cfg)
     torch.manual_seed(step_seed(tc.seed, w.rank, step))
     for index, batch in enumerate(batches):
@@ -119,7 +137,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                             output_hidden_states=want_hidden)
                 loss = objective.loss(cfg, out, batch)
-            (w.scaler.scale(loss / accum) if w.scaler else loss / accum).backward()
+            (w.scaler.scale(loss * scale) if w.scaler else loss * scale).backward()
         micro += 1
         progress.add(loss.item(), batch["labels"].shape[0])
         if not sync:
@@ -190,6 +208,8 @@ def record_worker(runlog: RunLog, rank: int) -> None:
 def restore(w: Worker) -> int:
     """Load the latest checkpoint Ray Train hands this worker; returns the step to continue from."""
     checkpoint = ray.train.get_checkpoint()
+    if w.rank == 0:
+        raise_recorded_storage_fault(w.runlog.run_dir)
     if checkpoint is None:
         if w.rank == 0:
             w.runlog.write({"event": "start", "step": 0, "total_steps": w.plan.total_steps,
@@ -208,7 +228,12 @@ def restore(w: Worker) -> int:
     if w.rank == 0:
         epoch = step // w.plan.steps_per_epoch
         log.info("restored from checkpoint at step %d (epoch %d)", step, epoch)
-        w.runlog.write({"event": "restored", "step": step, "epoch": epoch})
+        w.runlog.write({"event": "restored", "step": step, "epoch": epoch, "workers": w.world})
+        if w.world != w.cfg.train.num_workers:
+            log.info("continuing on %d of train.num_workers=%d workers; the global batch stays "
+                     "%d rows (each worker accumulates more micro-batches)", w.world,
+                     w.cfg.train.num_workers,
+                     w.cfg.train.batch_size * w.cfg.train.num_workers * w.cfg.train.grad_accum_steps)
     return step
 
 
@@ -248,9 +273,58 @@ def evaluate_and_report(w: Worker, step: int, train_loss: float | None) -> None:
              step, metrics["epoch"], metrics["eval_accuracy"], metrics["eval_macro_f1"],
              metrics["eval_loss"], metrics["eval_count"])
     with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(w, Path(tmp), step, metrics)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=checkpoint_name(step))
+        try:
+            save_checkpoint(w, Path(tmp), step, metrics)
+        except OSError as exc:
+            raise storage_fault_error(w.runlog.run_dir, tmp, exc, "checkpoint (local staging)") from exc
+        dest = f"{w.runlog.run_dir}/{checkpoint_name(step)}"
+        try:
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=checkpoint_name(step))
+        except OSError as exc:
+            if storage_fault(exc) is None:
+                raise
+            if not is_uri(dest):  # the half-copied directory: nobody registered it, free its space
+                shutil.rmtree(dest, ignore_errors=True)
+            raise storage_fault_error(w.runlog.run_dir, dest, exc, "checkpoint") from exc
+
+
+STORAGE_FAULT_NAMESPACE = "distilray_storage_faults"
+
+
+def storage_fault_error(run_dir: str, path: str, exc: OSError, what: str) -> Exception:
+    """The one-line error for a refused write, remembered in the GCS for this run directory so
+    the restarts Ray Train makes fail at once instead of training to the next checkpoint again
+    (the driver forgets it when a run starts: a rerun after freeing space resumes)."""
+    fault = storage_fault(exc)
+    if fault is None:
+        return exc
+    error = storage_error(path, fault, what)
+    from ray.experimental import internal_kv
+
+    with contextlib.suppress(Exception):
+        internal_kv._internal_kv_put(run_dir, str(error), overwrite=True,
+                                     namespace=STORAGE_FAULT_NAMESPACE)
+    return error
+
+
+def raise_recorded_storage_fault(run_dir: str) -> None:
+    """A restart of a run whose storage refused a write fails at once with the same line."""
+    from ray.experimental import internal_kv
+
+    try:
+        recorded = internal_kv._internal_kv_get(run_dir, namespace=STORAGE_FAULT_NAMESPACE)
+    except Exception:  # no GCS client in this process: nothing recorded
+        return
+    if recorded:
+        raise StorageError(recorded.decode())
+
+
+def forget_storage_fault(run_dir: str) -> None:
+    from ray.experimental import internal_kv
+
+    with contextlib.suppress(Exception):
+        internal_kv._internal_kv_del(run_dir, namespace=STORAGE_FAULT_NAMESPACE)
 
 
 def save_checkpoint(w: Worker, directory: Path, step: int, metrics: dict[str, Any]) -> None:
@@ -319,7 +393,7 @@ class ProgressWindow:
         self.epoch_sum, self.epoch_n = self.epoch_sum + loss_sum, self.epoch_n + n
         if w.rank == 0:
             rate = rows / elapsed if elapsed > 0 else 0.0
-            global_batch = tc.batch_size * w.world * tc.grad_accum_steps
+            global_batch = tc.batch_size * tc.num_workers * tc.grad_accum_steps
             eta = (w.plan.total_steps - step) * global_batch / rate if rate else 0
             data_wait = self.batches.take_waited() / elapsed if elapsed > 0 else 0.0
             epoch, lr = step / w.plan.steps_per_epoch, w.scheduler.get_last_lr()[0]

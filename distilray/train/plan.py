@@ -54,29 +54,64 @@ def make_plan(num_rows: int, batch_size: int, world_size: int, grad_accum: int, 
                      steps_per_epoch=steps_per_epoch, total_steps=total, epochs=epochs)
 
 
-def arrange_for_workers(table: pa.Table, plan: TrainPlan, world_size: int, batch_size: int,
-                        seed: int, bucket_batches: int = 0) -> pa.Table:
-    """All epochs of training rows, laid out rank after rank, each rank's rows in step order.
+def global_order(table: pa.Table, plan: TrainPlan, num_workers: int, batch_size: int,
+                 seed: int, bucket_batches: int = 0) -> pa.Table:
+    """All epochs of training rows in slot order, independent of how many workers run them.
 
-    Epoch e uses a permutation seeded by (seed, e); global micro-batch g is rows
-    [g·B·W, (g+1)·B·W) of it and rank r takes the r-th slice of B rows. Cutting the result
-    into W equal contiguous parts therefore gives each worker exactly its batches, in order,
-    so 2 workers × batch 8 see the same global batches as 1 worker × batch 16, and a
-    restarted worker can skip the batches it already trained on.
+    Epoch e uses a permutation seeded by (seed, e), cut into micro-batch *slots* of
+    `batch_size` rows; optimizer step k of the epoch owns slots [k·S, (k+1)·S) with
+    S = `slots_per_step` = num_workers × grad_accum_steps (the configured global batch). Who
+    runs a slot is decided later (`rank_row_indices`), so an elastic run that continues on
+    fewer workers trains the same rows in the same steps.
     """
     n = table.num_rows
-    global_batch = batch_size * world_size
+    global_batch = batch_size * num_workers
     lengths = pc.utf8_length(table.column("text")).to_numpy() if bucket_batches else None
-    per_rank: list[list[np.ndarray]] = [[] for _ in range(world_size)]
+    chunks = []
     for epoch in range(plan.epochs):
         order = np.random.default_rng([seed, epoch]).permutation(n)[: plan.rows_per_epoch]
         if lengths is not None:
             order = order[bucket_order(lengths[order], global_batch, bucket_batches, seed + epoch)]
-        batches = order.reshape(-1, world_size, batch_size)
-        for rank in range(world_size):
-            per_rank[rank].append(batches[:, rank, :].reshape(-1))
-    index = np.concatenate([np.concatenate(chunks) for chunks in per_rank])
-    return table.take(pa.array(index))
+        chunks.append(order)
+    return table.take(pa.array(np.concatenate(chunks)))
+
+
+def slots_per_step(num_workers: int, grad_accum: int) -> int:
+    """Micro-batches per optimizer step: fixed by the configured workers, whatever runs them."""
+    return num_workers * grad_accum
+
+
+def rank_micro_batches(slots: int, world: int, rank: int) -> int:
+    """Micro-batches rank `rank` of `world` runs per optimizer step (slot j goes to j mod world)."""
+    return len(range(rank, slots, world))
+
+
+def rank_row_indices(num_rows: int, batch_size: int, slots: int, world: int) -> list[np.ndarray]:
+    """Row indices (into `global_order`) each of `world` ranks trains on, in its step order.
+
+    Slot j of every step goes to rank j mod world, so the ranks together run every slot of a
+    step exactly once for any world size; with world = num_workers and grad_accum 1 this is
+    "rank r takes the r-th slice of each global batch".
+    """
+    slot = np.arange(num_rows // batch_size)
+    owner = (slot % slots) % world
+    rows = np.arange(num_rows // batch_size * batch_size).reshape(-1, batch_size)
+    return [rows[owner == rank].reshape(-1) for rank in range(world)]
+
+
+def arrange_for_workers(table: pa.Table, plan: TrainPlan, world_size: int, batch_size: int,
+                        seed: int, bucket_batches: int = 0) -> pa.Table:
+    """All epochs of training rows, laid out rank after rank, each rank's rows in step order.
+
+    Global micro-batch g is rows [g·B·W, (g+1)·B·W) of the epoch's permutation and rank r
+    takes the r-th slice of B rows. Cutting the result into W equal contiguous parts therefore
+    gives each worker exactly its batches, in order, so 2 workers × batch 8 see the same global
+    batches as 1 worker × batch 16, and a restarted worker can skip the batches it already
+    trained on.
+    """
+    ordered = global_order(table, plan, world_size, batch_size, seed, bucket_batches)
+    parts = rank_row_indices(ordered.num_rows, batch_size, world_size, world_size)
+    return ordered.take(pa.array(np.concatenate(parts)))
 
 
 def even_split_indices(num_rows: int, parts: int) -> list[int]:

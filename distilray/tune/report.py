@@ -77,6 +77,10 @@ def _summary_lines(exp: ExperimentSummary) -> list[str]:
         lines.append(f"Seed confirmation: {len(runs)} of {exp.confirm_planned} extra runs "
                      f"({extra:.1f} trial-epochs); budget in all: {epochs + extra:.1f} trial-epochs "
                      f"({epochs:.1f} search + {extra:.1f} confirmation).")
+    restarted = [t for t in sorted(exp.trials, key=lambda t: t.trial_id) if t.restarts]
+    if restarted:
+        lines.append("Retried from a checkpoint after a failure (a lost worker, node or trial driver): "
+                     + ", ".join(f"trial {t.trial_id} ({t.restarts}×)" for t in restarted) + ".")
     return lines
 
 

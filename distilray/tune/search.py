@@ -244,6 +244,9 @@ class Progress(Callback):
         # with the Train controller it owned; by FREE_AFTER_S both have exited.
         self.to_free[trial.trial_id] = time.time() + FREE_AFTER_S
 
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self._emit(trials, trial, "retrying", " from its latest checkpoint (its driver failed)")
+
     def on_trial_error(self, iteration, trials, trial, **info):
         self._emit(trials, trial, "error", f" (see {trial.path})")
         self.to_free[trial.trial_id] = time.time() + FREE_AFTER_S
@@ -418,6 +421,9 @@ def make_tuner(exp: Experiment, resume: bool) -> tune.Tuner:
             max_concurrent_trials=tc.max_concurrent_trials if tc.search_alg == "optuna" else None),
         run_config=tune.RunConfig(
             name=exp.name, storage_path=str(exp.dir.parent), verbose=0,
+            # A trial whose driver died (e.g. with its node) runs again; its Train run resumes
+            # from its latest checkpoint (same run name). Dead workers are Train's max_failures.
+            failure_config=tune.FailureConfig(max_failures=cfg.train.max_failures),
             callbacks=[Progress(exp.dir, tc.metric, tc.mode, count_trials(cfg), tc.scheduler)]),
     )
 

@@ -23,6 +23,7 @@ from distilray.tune.experiment import (
     CONFIRM_DIR,
     CONFIRM_KEY,
     EVENTS_FILE,
+    RUNS_DIR,
     SEED_KEY,
 )
 from distilray.tune.space import asha_rungs, max_epochs
@@ -49,6 +50,9 @@ class TrialSummary:
     """Unix times of the trial's start and its last report or state change (the timeline)."""
     error: list[str] = field(default_factory=list)
     """The first lines of an errored trial's error.txt, then its last line (the exception)."""
+    restarts: int = 0
+    """Times the trial's Train run resumed from a checkpoint after a failure (a dead worker,
+    node or trial driver): `restored` events in runs/<trial>/metrics.jsonl."""
 
     @property
     def stopped_early(self) -> bool:
@@ -166,11 +170,12 @@ def summarise_trial(trial_dir: Path, metric: str, mode: str,
         summary.best_epoch, summary.best_value = pick
         summary.epochs_run = curve[-1][0]
     last = ordered[-1] if ordered else {}
-    if (trial_dir / "error.txt").exists():
+    # Finished wins over error.txt: Tune writes it on every failure, also one it then retried.
+    if last.get("total_steps") is not None and last.get("step", -1) >= last["total_steps"]:
+        summary.status = "done"
+    elif (trial_dir / "error.txt").exists():
         summary.status = "error"
         summary.error = read_error(trial_dir / "error.txt")
-    elif last.get("total_steps") is not None and last.get("step", -1) >= last["total_steps"]:
-        summary.status = "done"
     elif last_event is not None and last_event.get("state", "").startswith("stopped early"):
         summary.status = "stopped early"
     return summary
@@ -206,7 +211,10 @@ def summarise_trials(exp_dir: Path, metric: str, mode: str) -> list[TrialSummary
         rows = read_jsonl(trial_dir / "result.json")
         tid = _trial_id(trial_dir, rows)
         mine = events.get(tid, [])
-        trials.append(summarise_trial(trial_dir, metric, mode, mine[-1] if mine else None, mine))
+        trial = summarise_trial(trial_dir, metric, mode, mine[-1] if mine else None, mine)
+        trial.restarts = sum(r.get("event") == "restored"
+                             for r in read_jsonl(exp_dir / RUNS_DIR / tid / "metrics.jsonl"))
+        trials.append(trial)
     return trials
 
 
