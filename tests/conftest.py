@@ -107,3 +107,21 @@ def sst2_student(sst2_checkpoint, sst2_dir, tmp_path_factory) -> dict:
         "train.num_workers=2", f"train.storage_path={storage}", "train.log_every_steps=50",
         "train.max_failures=0", "train.name=kd"])
     return {"cfg": cfg, **run_distillation(cfg)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_serve_left_running():
+    """Serve, and the HAProxy of its high-throughput mode (fixed ports 8404 and 9101), end with
+    the module that started them: later modules start Serve on clusters of their own."""
+    yield
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    except Exception:  # Serve was never started on this cluster
+        pass

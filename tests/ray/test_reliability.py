@@ -37,7 +37,7 @@ from distilray.cluster import (
 from distilray.files import read_jsonl
 from tests.conftest import REPO
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.nightly]
 
 
 @dataclass
