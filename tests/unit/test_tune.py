@@ -332,19 +332,27 @@ def offline_overrides(path: Path, sst2_dir: Path, imdb_dir: Path, teacher: Path)
 
 
 @pytest.mark.slow  # loads each preset's data: ~8 s on 2 cores
-def test_dry_run_of_every_preset_prints_its_plan(tmp_path, sst2_dir, imdb_dir, capsys, monkeypatch):
-    from distilray.cli import main
+def test_dry_run_of_every_preset_prints_its_plan(tmp_path, sst2_dir, imdb_dir):
+    import os
+    import subprocess
+    import sys
+
     from distilray.runtime import DATA_CPUS, local_cpus
     from tests.conftest import save_tiny_checkpoint
 
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    # A fresh process per preset, as a user runs it: the dry run checks the cluster it would
+    # use, and this test process may already hold the suite's session Ray.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     teacher = save_tiny_checkpoint(tmp_path / "teacher", "teacher")
     for path in PRESETS:
-        rc = main(["tune", "--config", str(path), *offline_overrides(path, sst2_dir, imdb_dir, teacher),
-                   "--storage-path", str(tmp_path / "exps"), "--name", path.stem, "--dry-run"])
-        out = capsys.readouterr().out
+        proc = subprocess.run(
+            [sys.executable, "-m", "distilray", "tune", "--config", str(path),
+             *offline_overrides(path, sst2_dir, imdb_dir, teacher),
+             "--storage-path", str(tmp_path / "exps"), "--name", path.stem, "--dry-run"],
+            capture_output=True, text=True, timeout=600, env=env, cwd=str(REPO))
+        rc, out = proc.returncode, proc.stdout
         cfg = load_config(path)
-        assert rc == 0, (path.name, out)
+        assert rc == 0, (path.name, out, proc.stderr[-2000:])
         assert f"dry run OK: experiment '{path.stem}', {count_trials(cfg)} trials" in out, out
         workers, cpus = cfg.train.num_workers, cfg.train.cpus_per_worker
         need = cfg.tune.driver_cpus + workers * cpus
