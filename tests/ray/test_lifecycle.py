@@ -6,10 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ import requests
 from distilray.cli import main
 from distilray.store import MANIFEST, ModelStore
 from tests.conftest import save_tiny_checkpoint
+from tests.ray.test_serve import Load, free_port
 
 pytestmark = pytest.mark.ray
 TINY_EVAL = ["--eval-data", "synthetic:sentiment", "--set", "data.synthetic_size=300",
@@ -89,14 +88,6 @@ def tiny_store(tmp_path_factory, ray_4_cpus) -> str:
     return str(root / "store")
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def serve_cfg(port: int, app: str, *extra: str):
     from distilray.config import load_config
 
@@ -143,36 +134,23 @@ def test_a_tampered_bundle_never_becomes_ready(tiny_store, tmp_path):
         serve.delete("tampered")
 
 
-class VersionLoad:
-    """Closed-loop requests from `workers` threads: (start, end, status, version) of each."""
+class VersionLoad(Load):
+    """`Load` (test_serve's closed-loop clients) recording (start, end, status, version) of each."""
 
     def __init__(self, url: str, workers: int):
-        self.url, self.workers = url, workers
+        super().__init__(url, workers, {"texts": ["a fine film", "dull"]})
         self.records: list[tuple[float, float, int, str | None]] = []
-        self.stop = threading.Event()
-        self.pool = ThreadPoolExecutor(workers)
 
     def _worker(self) -> None:
         with requests.Session() as session:
             while not self.stop.is_set():
                 t0 = time.monotonic()
                 try:
-                    r = session.post(f"{self.url}/v1/classify", json={"texts": ["a fine film", "dull"]},
-                                     timeout=30)
+                    r = session.post(f"{self.url}/v1/classify", json=self.body, timeout=30)
                     version = r.json().get("version") if r.status_code == 200 else None
                     self.records.append((t0, time.monotonic(), r.status_code, version))
                 except requests.RequestException:
                     self.records.append((t0, time.monotonic(), -1, None))
-
-    def __enter__(self) -> VersionLoad:
-        self.futures = [self.pool.submit(self._worker) for _ in range(self.workers)]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for f in self.futures:
-            f.result(timeout=60)
-        self.pool.shutdown()
 
 
 def test_promote_deploy_moves_a_running_app_under_load_without_a_failed_request(tiny_store, tmp_path, capsys):
