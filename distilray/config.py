@@ -216,7 +216,15 @@ class ServeConfig:
     torch_threads: int = _opt(0, ge=0)
     """Intra-op threads per replica (0 = the replica's num_cpus, at least 1)."""
     retry_after_s: float = _opt(1.0, ge=0.0)
-    """`Retry-After` header (seconds) on 503s when more than max_queued_requests wait."""
+    """`Retry-After` header (seconds) on every 503 for overload (queue full by count or by time)."""
+    max_queue_wait_s: float | None = _opt(1.0, gt=0.0)
+    """Bound the queue by time: a request that cannot start within this many seconds gets 503
+    + Retry-After — at once when the queued texts predict it, else when the time is up —
+    instead of waiting for its caller's timeout. None: wait up to request_timeout_s."""
+    queue_wait_passes: float = _opt(2.0, gt=0.0)
+    """Tighter time bound under load: admit a request only if it would start within this many
+    (measured) forward passes, so accepted requests keep about the latency of a fully, not
+    over-, loaded server."""
     metrics_interval_s: float = _opt(10.0, gt=0.0)
     """How often replicas report load to the autoscaler."""
     look_back_period_s: float = _opt(30.0, gt=0.0)

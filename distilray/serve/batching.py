@@ -11,32 +11,92 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 
+class QueueFull(Exception):
+    """A request's texts could not start within the queue's wait budget: answered 503 with
+    Retry-After, at once or when the budget ran out, instead of waiting for the caller's timeout."""
+
+    def __init__(self, wait_s: float, budget_s: float, expired: bool):
+        self.wait_s, self.budget_s, self.expired = wait_s, budget_s, expired
+        what = "waited" if expired else "would wait"
+        super().__init__(f"{what} {wait_s:.2f}s to start, over the queue's {budget_s:.2f}s budget")
+
+    def __reduce__(self):  # raised in a Classifier replica, re-raised in the Ingress
+        return QueueFull, (self.wait_s, self.budget_s, self.expired)
+
+
 class TextQueue:
     """Requests' texts waiting to leave together, and handing each request its share back.
 
     Shared by `TextBatcher` (into one forward pass) and `CallCoalescer` (into one call).
+
+    The queue is bounded by time: with `max_wait_s`, a request that would wait longer than
+    `min(max_wait_s, wait_passes × a pass)` to start (predicted from the queued texts and the
+    measured time of a pass) is refused at once, and one still queued after `max_wait_s` is
+    refused then. Accepted requests so wait at most about `wait_passes` passes, as at full
+    but not excess load, and the refused learn it within `max_wait_s`.
     """
 
     Batch = list[tuple[list[str], asyncio.Future]]
 
-    def __init__(self, max_batch_size: int):
+    def __init__(self, max_batch_size: int, max_wait_s: float | None = None,
+                 wait_passes: float = 2.0, clock: Callable[[], float] = time.monotonic):
         self.max_batch_size = max_batch_size
-        self.pending: collections.deque[tuple[list[str], asyncio.Future]] = collections.deque()
+        self.max_wait_s, self.wait_passes, self.clock = max_wait_s, wait_passes, clock
+        self.pending: collections.deque[tuple[list[str], asyncio.Future, Any]] = collections.deque()
         self.queued_texts = 0
+        self.pass_s: float | None = None  # moving average of a pass (or call) once one ran
+        self.started: list[float] = []  # start times of the passes (calls) now running
+        self.refused = 0
+
+    def _lanes(self) -> int:
+        """Passes (calls) that run side by side."""
+        return 1
+
+    def predicted_wait_s(self, texts_ahead: int) -> float:
+        """Seconds until a request behind `texts_ahead` queued texts starts."""
+        if self.pass_s is None:
+            return 0.0  # nothing measured yet
+        lanes, now = self._lanes(), self.clock()
+        first_free = 0.0 if len(self.started) < lanes else max(
+            0.0, min(self.pass_s - (now - t) for t in self.started))
+        return first_free + (texts_ahead // self.max_batch_size) * self.pass_s / lanes
+
+    def budget_s(self) -> float | None:
+        if self.max_wait_s is None:
+            return None
+        if self.pass_s is None:
+            return self.max_wait_s
+        return min(self.max_wait_s, self.wait_passes * self.pass_s)
 
     def _enqueue(self, texts: list[str]) -> asyncio.Future:
-        future = asyncio.get_running_loop().create_future()
-        self.pending.append((list(texts), future))
+        budget = self.budget_s()
+        if budget is not None and self.pending:
+            wait = self.predicted_wait_s(self.queued_texts)
+            if wait > budget:
+                self.refused += 1
+                raise QueueFull(wait, budget, expired=False)
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        timer = None
+        if self.max_wait_s is not None:
+            timer = loop.call_later(self.max_wait_s, self._expire, future, self.clock())
+        self.pending.append((list(texts), future, timer))
         self.queued_texts += len(texts)
         return future
+
+    def _expire(self, future: asyncio.Future, queued_at: float) -> None:
+        if not future.done():  # still queued: _take cancels the timer of what it takes
+            self.refused += 1
+            assert self.max_wait_s is not None
+            future.set_exception(QueueFull(self.clock() - queued_at, self.max_wait_s, expired=True))
 
     def _take(self) -> Batch:
         """Waiting requests, oldest first, up to max_batch_size texts (at least one request)."""
         batch: TextQueue.Batch = []
         size = 0
         while self.pending:
-            texts, future = self.pending[0]
-            if future.done():  # cancelled by its caller (timeout, disconnect): skip it
+            texts, future, timer = self.pending[0]
+            if future.done():  # cancelled by its caller (timeout, disconnect) or expired: skip it
                 self.pending.popleft()
                 self.queued_texts -= len(texts)
                 continue
@@ -44,9 +104,23 @@ class TextQueue:
                 break
             self.pending.popleft()
             self.queued_texts -= len(texts)
+            if timer is not None:
+                timer.cancel()
             batch.append((texts, future))
             size += len(texts)
         return batch
+
+    def _pass_started(self) -> float:
+        t = self.clock()
+        self.started.append(t)
+        return t
+
+    def _pass_ended(self, started: float, ok: bool = True) -> None:
+        self.started.remove(started)
+        if not ok:  # a failed call says nothing about how long a pass takes
+            return
+        took = self.clock() - started
+        self.pass_s = took if self.pass_s is None else 0.8 * self.pass_s + 0.2 * took
 
     @staticmethod
     def _settle(batch: Batch, results: Sequence[Any] | None = None,
@@ -74,8 +148,9 @@ class TextBatcher(TextQueue):
 
     def __init__(self, run: Callable[[list[str]], list[Any]], max_batch_size: int,
                  wait_s: float = 0.0, on_batch: Callable[[int], None] | None = None,
-                 executor: concurrent.futures.Executor | None = None):
-        super().__init__(max_batch_size)
+                 executor: concurrent.futures.Executor | None = None,
+                 max_wait_s: float | None = None, wait_passes: float = 2.0):
+        super().__init__(max_batch_size, max_wait_s, wait_passes)
         self.run, self.wait_s = run, wait_s
         self.on_batch = on_batch
         self.executor = executor
@@ -88,7 +163,7 @@ class TextBatcher(TextQueue):
         if self._worker is None or self._worker.done():
             self._wakeup = asyncio.Event()
             self._worker = asyncio.get_running_loop().create_task(self._loop())
-        future = self._enqueue(texts)
+        future = self._enqueue(texts)  # QueueFull when the queue is over its time budget
         assert self._wakeup is not None
         self._wakeup.set()
         return await future
@@ -108,15 +183,18 @@ class TextBatcher(TextQueue):
             if self.on_batch is not None:
                 self.on_batch(len(flat))
             self.forwarding = len(flat)
+            started = self._pass_started()
             try:
                 # off the event loop, so it keeps accepting and queueing requests
                 preds = await asyncio.get_running_loop().run_in_executor(
                     self.executor, self.run, flat)
             except Exception as exc:
+                self.forwarding = 0
+                self._pass_ended(started, ok=False)
                 self._settle(batch, error=exc)
                 continue
-            finally:
-                self.forwarding = 0
+            self.forwarding = 0
+            self._pass_ended(started)
             self._settle(batch, preds)
 
 
@@ -135,10 +213,11 @@ class CallCoalescer(TextQueue):
 
     def __init__(self, call: Callable[[list[str]], Any], max_batch_size: int,
                  window_s: float = 10.0, clock: Callable[[], float] = time.monotonic,
-                 on_queue: Callable[[int], None] | None = None):
-        super().__init__(max_batch_size)
+                 on_queue: Callable[[int], None] | None = None,
+                 max_wait_s: float | None = None, wait_passes: float = 2.0):
+        super().__init__(max_batch_size, max_wait_s, wait_passes, clock)
         self.call, self.window_s = call, window_s
-        self.clock, self.on_queue = clock, on_queue
+        self.on_queue = on_queue
         self.in_flight = 0
         self.sources: dict[Any, float] = {}
 
@@ -148,8 +227,11 @@ class CallCoalescer(TextQueue):
         self.sources = {k: t for k, t in self.sources.items() if now - t <= self.window_s}
         return max(1, len(self.sources))
 
+    def _lanes(self) -> int:
+        return self.slots
+
     async def submit(self, texts: list[str]) -> list[Any]:
-        future = self._enqueue(texts)
+        future = self._enqueue(texts)  # QueueFull when the queue is over its time budget
         self._dispatch()
         return await future
 
@@ -165,13 +247,17 @@ class CallCoalescer(TextQueue):
             self.on_queue(self.queued_texts)
 
     async def _run(self, batch: TextQueue.Batch) -> None:
+        started = self._pass_started()
+        ok = False
         try:
             source, results = await self.call([t for texts, _ in batch for t in texts])
         except Exception as exc:
             self._settle(batch, error=exc)
         else:
+            ok = True
             self.sources[source] = self.clock()
             self._settle(batch, results)
         finally:
+            self._pass_ended(started, ok)
             self.in_flight -= 1
             self._dispatch()

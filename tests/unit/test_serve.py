@@ -463,6 +463,75 @@ def test_coalescer_fails_every_merged_request_with_the_calls_error():
     assert all(isinstance(r, RuntimeError) for r in asyncio.run(main()))
 
 
+def test_batcher_refuses_at_once_what_would_wait_over_the_time_budget():
+    import asyncio
+    import time
+
+    from distilray.serve.batching import QueueFull, TextBatcher
+
+    def run(texts):
+        time.sleep(0.1)  # one forward pass: 0.1 s, whatever its size
+        return [t.upper() for t in texts]
+
+    async def main():
+        batcher = TextBatcher(run, max_batch_size=2, max_wait_s=1.0, wait_passes=2.0)
+        assert await batcher.submit(["warm"]) == ["WARM"]  # measures a pass
+        assert abs(batcher.pass_s - 0.1) < 0.05
+        t0 = time.monotonic()
+        tasks = [asyncio.create_task(batcher.submit([f"t{i}"])) for i in range(12)]
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        return results, time.monotonic() - t0, batcher.refused
+
+    results, took, refused = asyncio.run(main())
+    refusals = [r for r in results if isinstance(r, QueueFull)]
+    answered = [r for r in results if not isinstance(r, BaseException)]
+    assert answered == [[f"T{i}"] for i in range(len(answered))]  # the first ones, in order
+    # passes of two: t0-t5 start within 2 passes (0.2 s); t6-t11 would wait longer
+    assert len(answered) == 6 and len(refusals) == 6 == refused, results
+    assert all(not r.expired and r.wait_s > r.budget_s for r in refusals)
+    assert "over the queue's 0.20s budget" in str(refusals[0])
+    assert took < 0.5  # three passes: nobody waited for the refused
+
+
+def test_queued_requests_past_max_wait_are_refused_then_the_queue_recovers():
+    import asyncio
+    import pickle
+    import time
+
+    from distilray.serve.batching import CallCoalescer, QueueFull, TextBatcher
+
+    slow = [0.4]
+
+    def run(texts):
+        time.sleep(slow[0])
+        return texts
+
+    async def call(texts):
+        await asyncio.sleep(slow[0])
+        return "replica-1", texts
+
+    async def scenario(queue):
+        first = asyncio.create_task(queue.submit(["first"]))  # nothing measured yet: admitted
+        await asyncio.sleep(0.01)
+        t0 = time.monotonic()
+        behind = await asyncio.gather(*(queue.submit([f"t{i}"]) for i in range(3)),
+                                      return_exceptions=True)
+        refused_after = time.monotonic() - t0
+        assert await first == ["first"]
+        slow[0] = 0.01
+        return behind, refused_after, await queue.submit(["calm"])
+
+    for queue in (lambda: TextBatcher(run, max_batch_size=1, max_wait_s=0.15),
+                  lambda: CallCoalescer(call, max_batch_size=1, max_wait_s=0.15)):
+        slow[0] = 0.4
+        behind, refused_after, calm = asyncio.run(scenario(queue()))
+        assert all(isinstance(r, QueueFull) and r.expired for r in behind), behind
+        assert 0.1 < refused_after < 0.35  # at the budget, not after the 0.4 s pass
+        assert calm == ["calm"]
+    again = pickle.loads(pickle.dumps(behind[0]))  # crosses from a replica to the Ingress
+    assert isinstance(again, QueueFull) and str(again) == str(behind[0])
+
+
 def test_texts_in_flight_policy_scales_on_reported_texts():
     from types import SimpleNamespace
 
