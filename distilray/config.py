@@ -221,7 +221,7 @@ class ServeConfig:
     """Bound the queue by time: a request that cannot start within this many seconds gets 503
     + Retry-After — at once when the queued texts predict it, else when the time is up —
     instead of waiting for its caller's timeout. None: wait up to request_timeout_s."""
-    queue_wait_passes: float = _opt(2.0, gt=0.0)
+    queue_wait_passes: float = _opt(1.0, gt=0.0)
     """Tighter time bound under load: admit a request only if it would start within this many
     (measured) forward passes, so accepted requests keep about the latency of a fully, not
     over-, loaded server."""

@@ -39,7 +39,7 @@ class TextQueue:
     Batch = list[tuple[list[str], asyncio.Future]]
 
     def __init__(self, max_batch_size: int, max_wait_s: float | None = None,
-                 wait_passes: float = 2.0, clock: Callable[[], float] = time.monotonic):
+                 wait_passes: float = 1.0, clock: Callable[[], float] = time.monotonic):
         self.max_batch_size = max_batch_size
         self.max_wait_s, self.wait_passes, self.clock = max_wait_s, wait_passes, clock
         self.pending: collections.deque[tuple[list[str], asyncio.Future, Any]] = collections.deque()
@@ -149,7 +149,7 @@ class TextBatcher(TextQueue):
     def __init__(self, run: Callable[[list[str]], list[Any]], max_batch_size: int,
                  wait_s: float = 0.0, on_batch: Callable[[int], None] | None = None,
                  executor: concurrent.futures.Executor | None = None,
-                 max_wait_s: float | None = None, wait_passes: float = 2.0):
+                 max_wait_s: float | None = None, wait_passes: float = 1.0):
         super().__init__(max_batch_size, max_wait_s, wait_passes)
         self.run, self.wait_s = run, wait_s
         self.on_batch = on_batch
@@ -214,7 +214,7 @@ class CallCoalescer(TextQueue):
     def __init__(self, call: Callable[[list[str]], Any], max_batch_size: int,
                  window_s: float = 10.0, clock: Callable[[], float] = time.monotonic,
                  on_queue: Callable[[int], None] | None = None,
-                 max_wait_s: float | None = None, wait_passes: float = 2.0):
+                 max_wait_s: float | None = None, wait_passes: float = 1.0):
         super().__init__(max_batch_size, max_wait_s, wait_passes, clock)
         self.call, self.window_s = call, window_s
         self.on_queue = on_queue

@@ -81,6 +81,14 @@ def cluster(tmp_path_factory):
         assert state is not None and not any(node_alive(n) for n in state.nodes)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _ensure_all_nodes(cluster: Cluster) -> None:
     """Bring back a node an earlier (failed) test left lost, so each test starts whole."""
     for node in cluster.state.nodes:
@@ -369,3 +377,108 @@ def test_tune_search_loses_a_node_and_the_trial_resumes_from_its_checkpoint(clus
     assert f"Retried from a checkpoint after a failure (a lost worker, node or trial driver): trial {victim.name} (" in report
     print(f"[reliability] tune: {time.monotonic() - t0:.0f}s; trial {victim.name} restored at "
           f"{[r['step'] for r in restored]} after losing its node at checkpoint {registered}", flush=True)
+
+
+def _serve_replicas(cluster: Cluster, app: str) -> dict[str, list[dict]]:
+    """RUNNING replicas of `app` per deployment, as the dashboard's Serve REST API lists them
+    (each with its node_id)."""
+    from distilray.cluster import _http_json
+
+    token = read_token(resolve_auth(cluster.environ, Path.home()), cluster.environ)
+    details = _http_json(f"{cluster.state.dashboard_url}/api/serve/applications/", token, timeout=15)
+    deployments = details.get("applications", {}).get(app, {}).get("deployments", {})
+    return {name: [r for r in d.get("replicas", []) if r.get("state") == "RUNNING"]
+            for name, d in deployments.items()}
+
+
+class _Load:
+    """Closed-loop HTTP clients in threads until stopped: every answer's status, in order
+    (-1 for a connection error)."""
+
+    def __init__(self, url: str, clients: int):
+        import requests
+
+        self.url, self.codes, self.stop = url, [], threading.Event()
+
+        def client() -> None:
+            with requests.Session() as session:
+                while not self.stop.is_set():
+                    try:
+                        r = session.post(f"{url}/v1/classify", json={"text": "a gripping film"},
+                                         timeout=30)
+                        self.codes.append(r.status_code)
+                    except requests.RequestException:
+                        self.codes.append(-1)
+
+        self.threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+
+    def __enter__(self) -> _Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=60)
+
+
+@pytest.mark.timeout(600)
+def test_serve_loses_a_node_under_load_and_replaces_its_replica_when_it_returns(cluster, tmp_path):
+    """Two 2-CPU Classifier replicas, one per worker node (a 3-CPU node holds one); the node
+    with a Classifier and no Ingress is lost under load, then comes back."""
+    from collections import Counter
+
+    from distilray.serve.app import CLASSIFIER_NAME, INGRESS_NAME
+    from tests.conftest import save_tiny_checkpoint
+
+    _ensure_all_nodes(cluster)
+    t0 = time.monotonic()
+    checkpoint = save_tiny_checkpoint(tmp_path / "ckpt", "tiny-node-loss")
+    port = _free_port()
+    serve = [sys.executable, "-m", "distilray", "serve", "--checkpoint", str(checkpoint),
+             "--port", str(port), "--set", "serve.app_name=nodeloss"]
+    proc = subprocess.run(serve + ["--detach", "--set", "serve.min_replicas=2", "--set",
+                                   "serve.max_replicas=2", "--set", "serve.num_cpus=2", "--set",
+                                   "serve.health_check_period_s=1"],
+                          env=cluster.driver_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    try:
+        replicas = _serve_replicas(cluster, "nodeloss")
+        classifier_nodes = {r["node_id"] for r in replicas[CLASSIFIER_NAME]}
+        ingress_nodes = {r["node_id"] for r in replicas[INGRESS_NAME]}
+        workers = {name: cluster.alive_node_ids(f"distilray_worker_{i}")
+                   for i, name in ((1, "worker-1"), (2, "worker-2"))}
+        assert len(classifier_nodes) == 2 and classifier_nodes <= set().union(*workers.values()), replicas
+        victim = next(name for name, ids in workers.items()
+                      if ids & classifier_nodes and not ids & ingress_nodes)
+        url = f"http://127.0.0.1:{port}"
+        with _Load(url, clients=8) as load:
+            time.sleep(3)
+            before = len(load.codes)
+            lose_node(cluster.state_dir, victim)
+            lost_at = len(load.codes)
+            time.sleep(10)  # the survivor serves alone: no CPUs left anywhere for a replacement
+            during = len(load.codes) - lost_at
+            assert len(_serve_replicas(cluster, "nodeloss")[CLASSIFIER_NAME]) == 1
+            rejoin_node(cluster.state_dir, victim, environ=cluster.environ)
+            back = cluster.alive_node_ids(f"distilray_worker_{victim[-1]}")
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline:
+                nodes = {r["node_id"] for r in _serve_replicas(cluster, "nodeloss")[CLASSIFIER_NAME]}
+                if len(nodes) == 2 and nodes & back:
+                    break
+                time.sleep(1)
+            else:
+                raise AssertionError(f"no replacement replica on the rejoined node: {nodes}")
+            replaced_at = len(load.codes)
+            time.sleep(3)
+        codes = Counter(load.codes)
+        assert before > 20 and during > 20 and len(load.codes) - replaced_at > 20, (before, during)
+        assert set(codes) <= {200, 503}, codes
+        assert codes[200] / len(load.codes) >= 0.99, codes
+        print(f"[reliability] serve: {time.monotonic() - t0:.0f}s; {dict(codes)}; lost {victim}, "
+              f"{during} answers while it was gone", flush=True)
+    finally:
+        subprocess.run(serve + ["--stop"], env=cluster.driver_env(), cwd=REPO,
+                       capture_output=True, text=True, timeout=120)

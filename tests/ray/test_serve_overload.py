@@ -1,0 +1,93 @@
+"""Overload with the default config: the SST-2 checkpoint served by `distilray serve`'s
+defaults (only the port and app name set), loaded far past its capacity over loopback.
+
+The clients are well-behaved: after a 503 each waits its `Retry-After`, with the ±50% jitter
+that client retry policies add so that rejected callers do not come back in lockstep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from distilray.config import load_config
+from distilray.serve.lifecycle import shutdown_server, start_server
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def closed_loop(url: str, texts: list[str], clients: int, duration_s: float) -> list[tuple]:
+    """`clients` closed-loop clients for `duration_s`: (status, seconds, Retry-After) per answer."""
+    import aiohttp
+
+    answers: list[tuple] = []
+    connector = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(connector=connector,
+                                     timeout=aiohttp.ClientTimeout(total=60)) as session:
+        deadline = time.monotonic() + duration_s
+
+        async def client(i: int) -> None:
+            k = i
+            while time.monotonic() < deadline:
+                t0 = time.monotonic()
+                try:
+                    async with session.post(f"{url}/v1/classify",
+                                            json={"text": texts[k % len(texts)]}) as r:
+                        await r.read()
+                        status, retry = r.status, r.headers.get("Retry-After")
+                except aiohttp.ClientError as exc:
+                    status, retry = repr(exc), None
+                answers.append((status, time.monotonic() - t0, retry))
+                k += clients
+                if status == 503 and retry is not None:
+                    await asyncio.sleep(float(retry) * random.uniform(0.5, 1.5))
+
+        await asyncio.gather(*(client(i) for i in range(clients)))
+    return answers
+
+
+def latencies(answers: list[tuple], status: int) -> np.ndarray:
+    return np.asarray([dt for code, dt, _ in answers if code == status])
+
+
+def test_default_server_sheds_overload_within_a_second_and_keeps_accepted_latency(
+        ray_4_cpus, sst2_checkpoint, sst2_dir):
+    texts = pq.read_table(sst2_dir / "validation.parquet").column("text").to_pylist()
+    cfg = load_config(None, [f"serve.port={free_port()}", "serve.app_name=overload",
+                             "serve.route_prefix=/overload"])
+    url = start_server(cfg, sst2_checkpoint)
+    try:
+        asyncio.run(closed_loop(url, texts, 32, 8))  # warm-up: replicas scale to the load
+        calm = asyncio.run(closed_loop(url, texts, 32, 10))
+        flood = asyncio.run(closed_loop(url, texts, 400, 15))
+        after = asyncio.run(closed_loop(url, texts, 1, 3))
+    finally:
+        shutdown_server(cfg)
+
+    assert {code for code, _, _ in calm} == {200}, "concurrency 32 is within capacity"
+    p99_calm = float(np.percentile(latencies(calm, 200), 99))
+    codes = {code for code, _, _ in flood}
+    assert codes <= {200, 503}, codes
+    ok, shed = latencies(flood, 200), latencies(flood, 503)
+    assert len(shed) > len(ok) > 100, (len(ok), len(shed))  # shed, yet still serving
+    assert {retry for code, _, retry in flood if code == 503} == {"1"}
+    assert shed.max() < 2.0, f"slowest 503 took {shed.max():.2f}s"
+    p99_ok = float(np.percentile(ok, 99))
+    print(f"c=32 p99 {p99_calm:.3f}s; c=400: {len(ok)} x 200 (p99 {p99_ok:.3f}s), {len(shed)} x "
+          f"503 (max {shed.max():.3f}s); p99 ratio {p99_ok / p99_calm:.2f}")
+    assert p99_ok <= 2.0 * p99_calm, (p99_ok, p99_calm)
+    # recovered as soon as the load dropped: a lone client is answered at once
+    assert {code for code, _, _ in after} == {200}
+    assert float(np.percentile(latencies(after, 200), 99)) < 0.5
