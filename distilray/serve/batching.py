@@ -15,13 +15,46 @@ class QueueFull(Exception):
     """A request's texts could not start within the queue's wait budget: answered 503 with
     Retry-After, at once or when the budget ran out, instead of waiting for the caller's timeout."""
 
-    def __init__(self, wait_s: float, budget_s: float, expired: bool):
+    def __init__(self, wait_s: float, budget_s: float, expired: bool, retry_after_s: float = 1.0):
         self.wait_s, self.budget_s, self.expired = wait_s, budget_s, expired
+        self.retry_after_s = retry_after_s
         what = "waited" if expired else "would wait"
         super().__init__(f"{what} {wait_s:.2f}s to start, over the queue's {budget_s:.2f}s budget")
 
     def __reduce__(self):  # raised in a Classifier replica, re-raised in the Ingress
-        return QueueFull, (self.wait_s, self.budget_s, self.expired)
+        return QueueFull, (self.wait_s, self.budget_s, self.expired, self.retry_after_s)
+
+
+class AdmissionRate:
+    """Requests refused and admitted over the last one to two seconds, for a `Retry-After`
+    that spreads refused callers over the time the queue needs to take them: `base` while
+    few are refused, `base` × refused / admitted under a flood (at most `cap_s`). With a
+    fixed 1 s, 400 refused callers come back 400 times a second, and answering them takes
+    the CPU the accepted requests' forward passes need."""
+
+    def __init__(self, base_s: float, cap_s: float = 10.0, clock: Callable[[], float] = time.monotonic):
+        self.base_s, self.cap_s, self.clock = base_s, cap_s, clock
+        self.start = clock()
+        self.now_counts = [0, 0]  # refused, admitted in the current second
+        self.last_counts = [0, 0]  # ... in the second before
+
+    def _roll(self) -> None:
+        now = self.clock()
+        if now - self.start >= 1.0:
+            self.last_counts = self.now_counts if now - self.start < 2.0 else [0, 0]
+            self.now_counts, self.start = [0, 0], now
+
+    def count(self, refused: int = 0, admitted: int = 0) -> None:
+        self._roll()
+        self.now_counts[0] += refused
+        self.now_counts[1] += admitted
+
+    def retry_after_s(self) -> float:
+        self._roll()
+        refused = self.now_counts[0] + self.last_counts[0]
+        admitted = self.now_counts[1] + self.last_counts[1]
+        return min(max(self.cap_s, self.base_s),
+                   max(self.base_s, self.base_s * refused / max(admitted, 1)))
 
 
 class TextQueue:
@@ -39,9 +72,11 @@ class TextQueue:
     Batch = list[tuple[list[str], asyncio.Future]]
 
     def __init__(self, max_batch_size: int, max_wait_s: float | None = None,
-                 wait_passes: float = 1.0, clock: Callable[[], float] = time.monotonic):
+                 wait_passes: float = 1.0, clock: Callable[[], float] = time.monotonic,
+                 retry_after_s: float = 1.0):
         self.max_batch_size = max_batch_size
         self.max_wait_s, self.wait_passes, self.clock = max_wait_s, wait_passes, clock
+        self.admission = AdmissionRate(retry_after_s, clock=clock)
         self.pending: collections.deque[tuple[list[str], asyncio.Future, Any]] = collections.deque()
         self.queued_texts = 0
         self.pass_s: float | None = None  # moving average of a pass (or call) once one ran
@@ -52,13 +87,17 @@ class TextQueue:
         """Passes (calls) that run side by side."""
         return 1
 
+    def _busy(self) -> list[float]:
+        """Start times of the passes (calls) that hold a lane now."""
+        return self.started
+
     def predicted_wait_s(self, texts_ahead: int) -> float:
         """Seconds until a request behind `texts_ahead` queued texts starts."""
         if self.pass_s is None:
             return 0.0  # nothing measured yet
-        lanes, now = self._lanes(), self.clock()
-        first_free = 0.0 if len(self.started) < lanes else max(
-            0.0, min(self.pass_s - (now - t) for t in self.started))
+        lanes, now, busy = self._lanes(), self.clock(), self._busy()
+        first_free = 0.0 if len(busy) < lanes else max(
+            0.0, min(self.pass_s - (now - t) for t in busy))
         return first_free + (texts_ahead // self.max_batch_size) * self.pass_s / lanes
 
     def budget_s(self) -> float | None:
@@ -74,7 +113,8 @@ class TextQueue:
             wait = self.predicted_wait_s(self.queued_texts)
             if wait > budget:
                 self.refused += 1
-                raise QueueFull(wait, budget, expired=False)
+                self.admission.count(refused=1)
+                raise QueueFull(wait, budget, expired=False, retry_after_s=self.admission.retry_after_s())
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         timer = None
@@ -87,8 +127,10 @@ class TextQueue:
     def _expire(self, future: asyncio.Future, queued_at: float) -> None:
         if not future.done():  # still queued: _take cancels the timer of what it takes
             self.refused += 1
+            self.admission.count(refused=1)
             assert self.max_wait_s is not None
-            future.set_exception(QueueFull(self.clock() - queued_at, self.max_wait_s, expired=True))
+            future.set_exception(QueueFull(self.clock() - queued_at, self.max_wait_s, expired=True,
+                                           retry_after_s=self.admission.retry_after_s()))
 
     def _take(self) -> Batch:
         """Waiting requests, oldest first, up to max_batch_size texts (at least one request)."""
@@ -106,6 +148,7 @@ class TextQueue:
             self.queued_texts -= len(texts)
             if timer is not None:
                 timer.cancel()
+            self.admission.count(admitted=1)
             batch.append((texts, future))
             size += len(texts)
         return batch
@@ -149,8 +192,9 @@ class TextBatcher(TextQueue):
     def __init__(self, run: Callable[[list[str]], list[Any]], max_batch_size: int,
                  wait_s: float = 0.0, on_batch: Callable[[int], None] | None = None,
                  executor: concurrent.futures.Executor | None = None,
-                 max_wait_s: float | None = None, wait_passes: float = 1.0):
-        super().__init__(max_batch_size, max_wait_s, wait_passes)
+                 max_wait_s: float | None = None, wait_passes: float = 1.0,
+                 retry_after_s: float = 1.0):
+        super().__init__(max_batch_size, max_wait_s, wait_passes, retry_after_s=retry_after_s)
         self.run, self.wait_s = run, wait_s
         self.on_batch = on_batch
         self.executor = executor
@@ -209,13 +253,22 @@ class CallCoalescer(TextQueue):
     `call(texts)` returns `(source, results)`: the slots are the distinct sources (model
     replicas) that answered within `window_s`, so calls fan out as replicas are added and a
     second call never waits behind the first on a lone replica with few texts.
+
+    A call running past `STALL_PASSES` passes (at least `STALL_MIN_S`) stops holding its
+    slot: its replica is likely gone with its node, and Ray says so only seconds later.
+    Requests waiting behind it then leave for a live replica (one extra call per slot at
+    most), instead of waiting for the error and its retry.
     """
+
+    STALL_PASSES = 3.0
+    STALL_MIN_S = 0.25
 
     def __init__(self, call: Callable[[list[str]], Any], max_batch_size: int,
                  window_s: float = 10.0, clock: Callable[[], float] = time.monotonic,
                  on_queue: Callable[[int], None] | None = None,
-                 max_wait_s: float | None = None, wait_passes: float = 1.0):
-        super().__init__(max_batch_size, max_wait_s, wait_passes, clock)
+                 max_wait_s: float | None = None, wait_passes: float = 1.0,
+                 retry_after_s: float = 1.0):
+        super().__init__(max_batch_size, max_wait_s, wait_passes, clock, retry_after_s)
         self.call, self.window_s = call, window_s
         self.on_queue = on_queue
         self.in_flight = 0
@@ -230,6 +283,17 @@ class CallCoalescer(TextQueue):
     def _lanes(self) -> int:
         return self.slots
 
+    def _stall_s(self) -> float | None:
+        return None if self.pass_s is None else max(self.STALL_MIN_S, self.STALL_PASSES * self.pass_s)
+
+    def _busy(self) -> list[float]:
+        limit, now = self._stall_s(), self.clock()
+        if limit is None:
+            return self.started
+        live = [t for t in self.started if now - t <= limit]
+        n = max(len(live), len(self.started) - self.slots)  # ignore at most one stalled call per slot
+        return self.started[len(self.started) - n:]
+
     async def submit(self, texts: list[str]) -> list[Any]:
         future = self._enqueue(texts)  # QueueFull when the queue is over its time budget
         self._dispatch()
@@ -237,17 +301,20 @@ class CallCoalescer(TextQueue):
 
     def _dispatch(self) -> None:
         slots = self.slots
-        while self.pending and self.in_flight < slots:
+        while self.pending and len(self._busy()) < slots:
             batch = self._take()
             if not batch:
                 break
             self.in_flight += 1
-            asyncio.get_running_loop().create_task(self._run(batch))
+            loop = asyncio.get_running_loop()
+            loop.create_task(self._run(batch, self._pass_started()))
+            stall = self._stall_s()
+            if stall is not None:  # look again once this call would count as stalled
+                loop.call_later(stall + 0.01, self._dispatch)
         if self.on_queue is not None:
             self.on_queue(self.queued_texts)
 
-    async def _run(self, batch: TextQueue.Batch) -> None:
-        started = self._pass_started()
+    async def _run(self, batch: TextQueue.Batch, started: float) -> None:
         ok = False
         try:
             source, results = await self.call([t for texts, _ in batch for t in texts])

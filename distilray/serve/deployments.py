@@ -79,7 +79,8 @@ class Classifier:
         self._texts = Counter("distilray_texts", "Texts classified")
         self._batcher = TextBatcher(self._forward, s.max_batch_size, s.batch_wait_timeout_s,
                                     on_batch=self._batch_formed, executor=self._torch_thread,
-                                    max_wait_s=s.max_queue_wait_s, wait_passes=s.queue_wait_passes)
+                                    max_wait_s=s.max_queue_wait_s, wait_passes=s.queue_wait_passes,
+                                    retry_after_s=s.retry_after_s)
         self._failures = 0
         self._replica_id = serve.get_replica_context().replica_id.unique_id
         t0 = time.perf_counter()
@@ -149,7 +150,6 @@ class Ingress:
         self._local = Classifier(checkpoint, settings, bundle) if classifier is None else None
         self._token = server_token(s.auth_token_env, s.auth_token_file)
         self._timeout_s = s.request_timeout_s
-        self._retry_after = {"Retry-After": str(math.ceil(s.retry_after_s))} if s.retry_after_s > 0 else {}
         self._chunk = s.max_batch_size
         self._limits = {"max_texts": s.max_texts, "max_text_chars": s.max_text_chars}
         self._info: dict[str, Any] | None = None
@@ -161,7 +161,8 @@ class Ingress:
             merged = classifier.classify_merged  # a handle per method: made once, here
             self._coalescer = CallCoalescer(
                 lambda texts: self._call_classifier(merged, texts), s.max_batch_size,
-                on_queue=queue.set, max_wait_s=s.max_queue_wait_s, wait_passes=s.queue_wait_passes)
+                on_queue=queue.set, max_wait_s=s.max_queue_wait_s, wait_passes=s.queue_wait_passes,
+                                    retry_after_s=s.retry_after_s)
         elif classifier is not None:
             self._classify = classifier.classify
         if s.http_fast_path and self.fast_path_key is not None:
@@ -256,7 +257,7 @@ class Ingress:
                               f"{'waited' if exc.expired else 'would wait'} {exc.wait_s:.2f}s to "
                               f"start, over the queue's {exc.budget_s:.2f}s budget "
                               "(serve.max_queue_wait_s); retry after the Retry-After delay",
-                              **self._retry_after)
+                              **{"Retry-After": str(math.ceil(exc.retry_after_s))})
         finally:
             for task in tasks:
                 task.cancel()

@@ -425,7 +425,8 @@ def test_overload_gets_fast_503_with_retry_after_then_recovers(served):
     assert set(codes) <= {200, 503}, codes
     assert codes[503] >= 10 and codes[200] >= 2, codes
     rejected = [(after, dt) for code, after, dt in results if code == 503]
-    assert all(after == "2" for after, _ in rejected)
+    # serve.retry_after_s=2, or more while far more are refused than admitted (at most 10)
+    assert all(after is not None and 2 <= int(after) <= 10 for after, _ in rejected), rejected
     assert np.median([dt for _, dt in rejected]) < 1.0  # rejected at once, not queued
     assert ready(url)
     ok = requests.post(f"{url}/v1/classify", json={"text": "calm again"}, timeout=30)

@@ -532,6 +532,56 @@ def test_queued_requests_past_max_wait_are_refused_then_the_queue_recovers():
     assert isinstance(again, QueueFull) and str(again) == str(behind[0])
 
 
+def test_coalescer_sends_around_a_call_stalled_on_a_lost_replica():
+    import asyncio
+    import time
+
+    from distilray.serve.batching import CallCoalescer
+
+    lost = asyncio.Event()  # never set: the replica's node is gone, no answer comes
+
+    async def call(texts):
+        if texts == ["to-the-lost-replica"]:
+            await lost.wait()
+        await asyncio.sleep(0.02)
+        return "live", texts
+
+    async def main():
+        co = CallCoalescer(call, max_batch_size=8)
+        assert await co.submit(["warm"]) == ["warm"]  # one replica known, a pass measured
+        stuck = asyncio.create_task(co.submit(["to-the-lost-replica"]))
+        await asyncio.sleep(0)
+        t0 = time.monotonic()
+        behind = await asyncio.wait_for(co.submit(["behind"]), 2.0)
+        waited = time.monotonic() - t0
+        stuck.cancel()
+        return behind, waited, co.in_flight
+
+    behind, waited, in_flight = asyncio.run(main())
+    assert behind == ["behind"]
+    # left once the stuck call counted as stalled (STALL_MIN_S), not after an error
+    assert 0.2 < waited < 0.6, waited
+    assert in_flight == 1  # only the stalled call is left
+
+
+def test_retry_after_grows_with_the_refused_to_admitted_ratio():
+    from distilray.serve.batching import AdmissionRate
+
+    now = [0.0]
+    rate = AdmissionRate(1.0, cap_s=10.0, clock=lambda: now[0])
+    assert rate.retry_after_s() == 1.0
+    rate.count(admitted=50, refused=20)
+    assert rate.retry_after_s() == 1.0  # fewer refused than admitted: the base
+    rate.count(refused=230)
+    assert rate.retry_after_s() == 5.0  # 250 refused for 50 admitted: spread them over 5 s
+    rate.count(refused=5000)
+    assert rate.retry_after_s() == 10.0  # capped
+    now[0] = 1.5  # the counts move to the previous second, still counted
+    assert rate.retry_after_s() == 10.0
+    now[0] = 4.0  # two quiet seconds: back to the base
+    assert rate.retry_after_s() == 1.0
+
+
 def test_texts_in_flight_policy_scales_on_reported_texts():
     from types import SimpleNamespace
 

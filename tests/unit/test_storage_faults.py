@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -44,8 +45,13 @@ def mounted_tmpfs(mnt: Path, size: str):
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-def remount(mnt: Path, mode: str) -> None:
-    assert _mount("-o", f"remount,{mode}", str(mnt)).returncode == 0
+def remount(mnt: Path, mode: str, within_s: float = 10.0) -> None:
+    """Remount `mnt` rw or ro. The kernel refuses `ro` (busy) while a file there is open for
+    writing — a training log being appended to — so it is retried until that write ends."""
+    deadline = time.monotonic() + within_s
+    while (out := _mount("-o", f"remount,{mode}", str(mnt))).returncode != 0:
+        assert time.monotonic() < deadline and "busy" in out.stderr, out.stderr
+        time.sleep(0.02)
 
 
 @pytest.fixture
