@@ -194,3 +194,19 @@ def test_dry_run_checks_without_training(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "dry run OK" in out.stdout and not any(tmp_path.iterdir())
 
+
+def test_session_processes_ask_their_own_clusters_state_api(ray_4_cpus):
+    """Ray Train's PlacementGroupCleaner asks the State API from inside the cluster; beside
+    another Ray instance on the host it must still reach this one (else each run's shutdown
+    waits out a 12 s timeout), while the driver's own environment stays as it was."""
+    import ray.util.state
+
+    @ray_4_cpus.remote(num_cpus=0)
+    def own_node_seen_by_state_api() -> tuple[str | None, list[str]]:
+        return (os.environ.get("RAY_API_SERVER_ADDRESS"),
+                [n.node_id for n in ray.util.state.list_nodes(timeout=10)])
+
+    address, seen = ray_4_cpus.get(own_node_seen_by_state_api.remote())
+    assert "RAY_API_SERVER_ADDRESS" not in os.environ
+    assert address is not None and address.startswith("http://127.0.0.1:")
+    assert seen == [ray_4_cpus.get_runtime_context().get_node_id()]
