@@ -55,13 +55,15 @@ def ray_4_cpus():
     """A real local Ray (4 logical CPUs on this 2-core machine) shared by every Ray test."""
     import ray
 
-    from distilray.runtime import use_serve_high_throughput
+    from distilray.runtime import init_local_ray, use_serve_high_throughput
 
     if ray.is_initialized():
         ray.shutdown()
     use_serve_high_throughput()  # as distilray's own local Ray instances (serve, train) do
-    # "local": its own instance even beside a `ray start` cluster or a stale record of one.
-    ray.init(address="local", num_cpus=4, log_to_driver=True)  # dashboard: Train polls the State API
+    # "local": its own instance even beside a `ray start` cluster or a stale record of one;
+    # with a dashboard (Train polls the State API) that its processes find beside other Ray
+    # instances on this host (other test sessions, the `ray start` of test_fresh_env).
+    init_local_ray(num_cpus=4, log_to_driver=True)
     yield ray
     ray.shutdown()
 

@@ -199,8 +199,11 @@ def test_bad_resources_fail_before_any_trial_starts(ray_4_cpus, sst2_dir, tmp_pa
 def test_optuna_search_then_seed_confirmation_of_the_top_two(ray_4_cpus, sst2_dir, tmp_path):
     # 2 Optuna trials, then tune.confirm_top_k=2 × tune.confirm_seeds=2: 4 more runs of the same
     # trainable in confirm/, each a top configuration with train.seed 43 or 44 (the search ran 42).
+    # Half a CPU per worker lets all 4 runs go at once (4 × 0.75 + 1 for Ray Data = 4 CPUs):
+    # one wave of Train start-ups instead of two (what these 20-step runs spend most time on).
     cfg = tune_cfg(tmp_path, sst2_dir, "optuna", "tune.search_alg=optuna", "tune.scheduler=asha",
                    "tune.num_samples=2", "tune.seed=0", "train.epochs=1", "data.max_train_samples=320",
+                   "train.cpus_per_worker=0.5", "tune.max_concurrent_trials=4",
                    "tune.space={train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-2}, "
                    "train.weight_decay: {type: choice, values: [0.0, 0.1]}}",
                    "tune.confirm_top_k=2", "tune.confirm_seeds=2")
