@@ -223,7 +223,11 @@ def fit(run: PreparedRun, objective: Objective, callbacks: list | None = None,
     if tracker.active:
         summary["mlflow_run_id"] = tracker.run_id
     if not is_uri(run_dir):
-        write_result(run_dir, summary)
+        try:
+            write_result(run_dir, summary)
+        except StorageError as exc:  # trained, but the storage refused the result: same one line
+            tracking.end_train_run(tracker, run_dir, None)
+            raise StorageError(f"training run '{tc.name}' failed: {exc}") from exc
     tracking.end_train_run(tracker, run_dir, summary)
     return summary
 

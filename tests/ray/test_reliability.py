@@ -371,8 +371,10 @@ def test_tune_search_loses_a_node_and_the_trial_resumes_from_its_checkpoint(clus
     assert after[0] == restored[0]["step"] + 1, "the trial continued from its checkpoint, not from step 0"
     exp = load_experiment_summary(exp_dir)
     assert sorted(t.status for t in exp.trials) == ["done", "done"], [(t.trial_id, t.status) for t in exp.trials]
+    # the victim was retried; the other trial too only if its driver (Tune's trial actor,
+    # placed by Ray anywhere) happened to live on the lost node
     retried = [t for t in exp.trials if t.restarts]
-    assert [t.trial_id for t in retried] == [victim.name]
+    assert victim.name in [t.trial_id for t in retried], [(t.trial_id, t.restarts) for t in exp.trials]
     report = (exp_dir / "report.md").read_text()
     assert f"Retried from a checkpoint after a failure (a lost worker, node or trial driver): trial {victim.name} (" in report
     print(f"[reliability] tune: {time.monotonic() - t0:.0f}s; trial {victim.name} restored at "
