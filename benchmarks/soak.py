@@ -54,21 +54,23 @@ async def closed_loop_rps(url: str, texts: list[str], clients: int, seconds: flo
 
 
 class ReplicaMemory:
-    """RSS of every running Serve replica of `app`, by replica actor name."""
+    """RSS of every Serve replica process of `app`, found by the process title Ray gives it
+    (`ray::ServeReplica:<app>:<deployment>`): no State API needed, which a Ray instance
+    started without its dashboard (as `distilray serve` starts one) lacks."""
 
     def __init__(self, app: str):
-        self.app = app
+        self.prefix = f"ray::ServeReplica:{app}:"
 
     def sample(self) -> dict[str, float]:
         import psutil
-        from ray.util.state import list_actors
 
         rss = {}
-        for actor in list_actors(filters=[("state", "=", "ALIVE")], limit=1000):
-            name = actor.name or ""
-            if name.startswith(f"SERVE_REPLICA::{self.app}#") and actor.pid:
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            title = " ".join(proc.info["cmdline"] or [])
+            if title.startswith(self.prefix):
+                name = title[len(self.prefix):].split()[0].split(".")[0]
                 try:
-                    rss[name.split("#", 1)[1]] = psutil.Process(actor.pid).memory_info().rss / 2**20
+                    rss[f"{name}-{proc.info['pid']}"] = proc.memory_info().rss / 2**20
                 except psutil.NoSuchProcess:
                     pass
         return rss
@@ -176,7 +178,7 @@ def main() -> None:
     print("\n| minute | answered | errors | p50 ms | p99 ms | replica RSS MB |")
     print("| ---: | ---: | ---: | ---: | ---: | --- |")
     for r in rows:
-        rss = ", ".join(f"{k.split('#')[0]} {v:.0f}" for k, v in sorted(r["rss_mb"].items()))
+        rss = ", ".join(f"{k} {v:.0f}" for k, v in sorted(r["rss_mb"].items()))
         print(f"| {r['minute']} | {r['answered']} | {r['errors']} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {rss} |")
     print()
     for line in verdicts(rows):
