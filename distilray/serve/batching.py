@@ -112,9 +112,7 @@ class TextQueue:
         if budget is not None and self.pending:
             wait = self.predicted_wait_s(self.queued_texts)
             if wait > budget:
-                self.refused += 1
-                self.admission.count(refused=1)
-                raise QueueFull(wait, budget, expired=False, retry_after_s=self.admission.retry_after_s())
+                raise self._refusal(wait, budget, expired=False)
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         timer = None
@@ -124,13 +122,15 @@ class TextQueue:
         self.queued_texts += len(texts)
         return future
 
+    def _refusal(self, wait_s: float, budget_s: float, expired: bool) -> QueueFull:
+        self.refused += 1
+        self.admission.count(refused=1)
+        return QueueFull(wait_s, budget_s, expired, retry_after_s=self.admission.retry_after_s())
+
     def _expire(self, future: asyncio.Future, queued_at: float) -> None:
         if not future.done():  # still queued: _take cancels the timer of what it takes
-            self.refused += 1
-            self.admission.count(refused=1)
             assert self.max_wait_s is not None
-            future.set_exception(QueueFull(self.clock() - queued_at, self.max_wait_s, expired=True,
-                                           retry_after_s=self.admission.retry_after_s()))
+            future.set_exception(self._refusal(self.clock() - queued_at, self.max_wait_s, expired=True))
 
     def _take(self) -> Batch:
         """Waiting requests, oldest first, up to max_batch_size texts (at least one request)."""

@@ -254,9 +254,7 @@ class Ingress:
                               f"({exc.message}); retry after the Retry-After delay", **headers)
         except QueueFull as exc:
             return error_json(503, "overloaded", f"the server is at capacity: this request "
-                              f"{'waited' if exc.expired else 'would wait'} {exc.wait_s:.2f}s to "
-                              f"start, over the queue's {exc.budget_s:.2f}s budget "
-                              "(serve.max_queue_wait_s); retry after the Retry-After delay",
+                              f"{exc} (serve.max_queue_wait_s); retry after the Retry-After delay",
                               **{"Retry-After": str(math.ceil(exc.retry_after_s))})
         finally:
             for task in tasks:

@@ -81,14 +81,6 @@ def cluster(tmp_path_factory):
         assert state is not None and not any(node_alive(n) for n in state.nodes)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ensure_all_nodes(cluster: Cluster) -> None:
     """Bring back a node an earlier (failed) test left lost, so each test starts whole."""
     for node in cluster.state.nodes:
@@ -433,11 +425,12 @@ def test_serve_loses_a_node_under_load_and_replaces_its_replica_when_it_returns(
 
     from distilray.serve.app import CLASSIFIER_NAME, INGRESS_NAME
     from tests.conftest import save_tiny_checkpoint
+    from tests.ray.test_serve import free_port
 
     _ensure_all_nodes(cluster)
     t0 = time.monotonic()
     checkpoint = save_tiny_checkpoint(tmp_path / "ckpt", "tiny-node-loss")
-    port = _free_port()
+    port = free_port()
     serve = [sys.executable, "-m", "distilray", "serve", "--checkpoint", str(checkpoint),
              "--port", str(port), "--set", "serve.app_name=nodeloss"]
     proc = subprocess.run(serve + ["--detach", "--set", "serve.min_replicas=2", "--set",

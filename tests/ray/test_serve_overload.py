@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import socket
 import time
 
 import numpy as np
@@ -18,14 +17,9 @@ import pytest
 
 from distilray.config import load_config
 from distilray.serve.lifecycle import shutdown_server, start_server
+from tests.ray.test_serve import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def closed_loop(url: str, texts: list[str], clients: int, duration_s: float) -> list[tuple]:
