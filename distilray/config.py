@@ -230,6 +230,11 @@ class ServeConfig:
     look_back_period_s: float = _opt(30.0, gt=0.0)
     """Window over which the autoscaler averages ongoing requests."""
     health_check_period_s: float = _opt(10.0, gt=0.0)
+    max_surge_percent: int = _opt(25, ge=0, le=100)
+    """Extra replicas (a percentage of each deployment's count, rounded up: one at least)
+    started during a version change, so the old replicas serve until their replacements are
+    ready (Kubernetes' maxSurge). 0: Serve stops each old replica before starting its
+    replacement, and a one-replica deployment answers nothing while the new one loads."""
     topology: Literal["split", "single"] = "split"
     """`split`: a light HTTP Ingress (validation, auth, retry when a replica dies) in front of the
     autoscaling Classifier replicas. `single`: every replica is HTTP front and model in one actor,

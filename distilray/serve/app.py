@@ -87,6 +87,7 @@ def deployment_options(cfg: ServeConfig) -> list[dict[str, Any]]:
         return {"health_check_period_s": cfg.health_check_period_s,
                 "health_check_timeout_s": 30.0,
                 "graceful_shutdown_timeout_s": cfg.request_timeout_s + 5.0,
+                "max_surge_percent": cfg.max_surge_percent,
                 "logging_config": {"enable_access_log": cfg.access_log}}
     classifier = {
         "name": CLASSIFIER_NAME,
@@ -110,6 +111,21 @@ def deployment_options(cfg: ServeConfig) -> list[dict[str, Any]]:
         **health(),
     }
     return [ingress, classifier]
+
+
+def surge_resources(cfg: ServeConfig, running: dict[str, int]) -> dict[str, float]:
+    """CPUs and GPUs that the extra replicas of a version change (`max_surge_percent` of each
+    deployment's `running` replicas, rounded up) take while the old replicas still run."""
+    need = {"CPU": 0.0, "GPU": 0.0}
+    if cfg.max_surge_percent <= 0:
+        return need
+    for opts in deployment_options(cfg):
+        count = max(running.get(opts["name"], 0), 1)
+        extra = -(-cfg.max_surge_percent * count // 100)  # ceiling, as Serve rounds it
+        actor = opts["ray_actor_options"]
+        need["CPU"] += extra * actor.get("num_cpus", 0.0)
+        need["GPU"] += extra * actor.get("num_gpus", 0.0)
+    return need
 
 
 def texts_in_flight_policy(ctx: Any) -> tuple[float, dict]:

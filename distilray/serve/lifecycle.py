@@ -15,7 +15,7 @@ from distilray.checkpoints import check_servable
 from distilray.config import Config, ServeConfig
 from distilray.errors import DistilrayError
 from distilray.runtime import connect_ray
-from distilray.serve.app import bind_app, http_options
+from distilray.serve.app import bind_app, http_options, surge_resources
 from distilray.serve.http import server_token
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,7 @@ def start_server(cfg: Config, checkpoint: str | None, bundle: dict[str, str] | N
         log.warning("Serve is already running on %s:%s (asked for %s:%s); using it",
                     actual.host, actual.port, s.host, s.port)
         s = replace(s, host=actual.host, port=actual.port)
+    s = surge_that_fits(s)
     token = os.environ.get(s.auth_token_env)
     # replicas on an already running cluster do not see this shell's environment
     env = {s.auth_token_env: token} if token and not s.auth_token_file else None
@@ -82,6 +83,32 @@ def start_server(cfg: Config, checkpoint: str | None, bundle: dict[str, str] | N
     log.info("serving %s at %s (ready in %.1fs)", ready.get("version") or ready.get("checkpoint"),
              url, time.time() - t0)
     return url
+
+
+def surge_that_fits(s: ServeConfig) -> ServeConfig:
+    """`s`, or `s` without a surge when the cluster has no room now for the extra replicas of
+    a version change: Serve would leave them pending and the change would never finish.
+    Without a surge Serve stops each old replica first, so the change goes through; a
+    one-replica deployment answers nothing while its replacement loads (a warning says so)."""
+    import ray
+
+    if s.max_surge_percent <= 0:
+        return s
+    app = serve.status().applications.get(s.app_name)
+    if app is None or not app.deployments:  # a first deploy: nothing to replace
+        return s
+    running = {name: d.replica_states.get("RUNNING", 0) for name, d in app.deployments.items()}
+    need = surge_resources(s, running)
+    free = ray.available_resources()
+    short = [f"{need[k]:g} {k} (free: {free.get(k, 0.0):g})" for k in ("CPU", "GPU")
+             if need[k] > 0 and free.get(k, 0.0) + 1e-9 < need[k]]
+    if not short:
+        return s
+    log.warning("no room for the extra replicas of serve.max_surge_percent=%d (%s): the old "
+                "replicas stop before their replacements start, so %s answers nothing while "
+                "a one-replica deployment's replacement loads; add capacity to keep it "
+                "answering", s.max_surge_percent, ", ".join(short), s.app_name)
+    return replace(s, max_surge_percent=0)
 
 
 def wait_deployed(app_name: str, timeout_s: float = 300.0) -> None:

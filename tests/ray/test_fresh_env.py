@@ -168,8 +168,7 @@ def ray_record():
 
 def test_train_without_ray_address_beside_a_ray_start_cluster_and_its_stale_record(
         tmp_path, ray_record):
-    train_tiny(tmp_path, "no-cluster")
-
+    # (with no cluster at all: test_quickstart's training, also without RAY_ADDRESS)
     proc, gcs = start_ray_head(tmp_path)
     try:
         def head_recorded() -> bool:

@@ -140,6 +140,7 @@ class VersionLoad(Load):
     def __init__(self, url: str, workers: int):
         super().__init__(url, workers, {"texts": ["a fine film", "dull"]})
         self.records: list[tuple[float, float, int, str | None]] = []
+        self.errors: Counter[str] = Counter()  # the bodies of the answers that were not 200
 
     def _worker(self) -> None:
         with requests.Session() as session:
@@ -148,8 +149,11 @@ class VersionLoad(Load):
                 try:
                     r = session.post(f"{self.url}/v1/classify", json=self.body, timeout=30)
                     version = r.json().get("version") if r.status_code == 200 else None
+                    if r.status_code != 200:
+                        self.errors[f"{r.status_code} {r.text[:200]}"] += 1
                     self.records.append((t0, time.monotonic(), r.status_code, version))
-                except requests.RequestException:
+                except requests.RequestException as exc:
+                    self.errors[type(exc).__name__] += 1
                     self.records.append((t0, time.monotonic(), -1, None))
 
 
@@ -159,7 +163,9 @@ def test_promote_deploy_moves_a_running_app_under_load_without_a_failed_request(
     from distilray.serve.app import pin_bundle
     from distilray.serve.lifecycle import start_server
 
-    cfg = serve_cfg(free_port(), "lifecycle")
+    # one Classifier replica (and one surge replica during the switch): the version change,
+    # not the autoscaler, under test
+    cfg = serve_cfg(free_port(), "lifecycle", "serve.max_replicas=1")
     url = start_server(cfg, None, pin_bundle(f"{tiny_store}/tiny@production"))
     port = serve.context._get_global_client().http_config.port
     assert requests.get(f"{url}/v1/model", timeout=10).json()["version"] == "tiny@v1"
@@ -172,7 +178,8 @@ def test_promote_deploy_moves_a_running_app_under_load_without_a_failed_request(
                          "--tolerance", "1.0", "--deploy", *TINY_EVAL,
                          "--set", f"serve.port={port}", "--set", "serve.app_name=lifecycle",
                          "--set", "serve.route_prefix=/lifecycle", "--set", "serve.num_cpus=0.5",
-                         "--set", "serve.max_length=64", "--set", "serve.health_check_period_s=1"]) == 0
+                         "--set", "serve.max_length=64", "--set", "serve.health_check_period_s=1",
+                         "--set", "serve.max_replicas=1"]) == 0
             switched = time.monotonic()
             time.sleep(max(8.0, 30 - (switched - started)))
         out = capsys.readouterr().out
@@ -180,8 +187,12 @@ def test_promote_deploy_moves_a_running_app_under_load_without_a_failed_request(
         versions = Counter(v for _, _, _, v in load.records)
         print(f"{len(load.records)} requests over {load.records[-1][1] - started:.1f}s, "
               f"switch took {switched - started - 8:.1f}s: {dict(versions)}")
+        for error, n in load.errors.most_common(5):
+            print(f"{n} × {error}")
+        late = sorted(round(t0 - started, 1) for t0, _, code, _ in load.records if code != 200)
+        print("not 200, seconds after the load started:", late[:10], "…", late[-10:])
         codes = Counter(code for _, _, code, _ in load.records)
-        assert codes == {200: len(load.records)}, codes
+        assert codes == {200: len(load.records)}, (codes, load.errors.most_common(5))
         assert load.records[-1][1] - started >= 30 and len(load.records) >= 200
         assert set(versions) == {"tiny@v1", "tiny@v2"}, versions
         after = Counter(v for t0, _, _, v in load.records if t0 > switched)
@@ -190,6 +201,34 @@ def test_promote_deploy_moves_a_running_app_under_load_without_a_failed_request(
         assert ModelStore(tiny_store).aliases("tiny") == {"production": "v2"}
     finally:
         serve.delete("lifecycle")
+
+
+def test_a_version_change_without_room_for_a_surge_replica_still_goes_through(ray_4_cpus, tmp_path, caplog):
+    """2.6 of the 4 CPUs held: the 2.6 more that a surge needs are not free, so the change
+    runs without one (Serve would leave the surge replicas pending, and the change unfinished)."""
+    from ray import serve
+
+    from distilray.serve.lifecycle import start_server
+
+    cfg = serve_cfg(free_port(), "nosurge", "serve.num_cpus=2.5")
+    first = save_tiny_checkpoint(tmp_path / "a", "tiny-a", seed=1)
+    second = save_tiny_checkpoint(tmp_path / "b", "tiny-b", seed=2)
+    url = start_server(cfg, str(first))
+    try:
+        before = requests.get(f"{url}/v1/model", timeout=10).json()["checkpoint"]["id"]
+        t0 = time.monotonic()
+        with caplog.at_level("WARNING", logger="distilray.serve.lifecycle"):
+            assert start_server(cfg, str(second)) == url
+        assert time.monotonic() - t0 < 120
+        assert "no room for the extra replicas of serve.max_surge_percent=25" in caplog.text, caplog.text
+        assert "2.6 CPU (free: 1.4)" in caplog.text, caplog.text
+        after = requests.get(f"{url}/v1/model", timeout=10).json()["checkpoint"]["id"]
+        assert after != before
+        deployments = serve.status().applications["nosurge"].deployments
+        assert {name: dict(d.replica_states) for name, d in deployments.items()} == {
+            "Ingress": {"RUNNING": 1}, "Classifier": {"RUNNING": 1}}
+    finally:
+        serve.delete("nosurge")
 
 
 def test_the_pipeline_runs_twice_in_a_row_with_distinct_names(ray_4_cpus, tmp_path, capsys):

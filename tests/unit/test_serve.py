@@ -250,6 +250,27 @@ def test_emitted_config_is_a_valid_serve_config_and_round_trips():
     assert serve_cfg.max_texts == cfg.serve.max_texts
 
 
+def test_version_changes_surge_by_default_and_the_surge_is_sized_per_deployment():
+    from ray.serve.schema import ServeDeploySchema
+
+    from distilray.serve.app import surge_resources
+
+    cfg = load_config("configs/serve.yaml", ["serve.num_cpus=2", "serve.num_gpus=0.5"])
+    app = ServeDeploySchema.model_validate(emit_serve_config(cfg, "/models/best")).applications[0]
+    assert {d.name: d.max_surge_percent for d in app.deployments} == {INGRESS_NAME: 25, CLASSIFIER_NAME: 25}
+    # 25% of one replica rounds up to one; of five, to two
+    assert surge_resources(cfg.serve, {CLASSIFIER_NAME: 1, INGRESS_NAME: 1}) == {
+        "CPU": pytest.approx(2.1), "GPU": pytest.approx(0.5)}
+    assert surge_resources(cfg.serve, {CLASSIFIER_NAME: 5, INGRESS_NAME: 1}) == {
+        "CPU": pytest.approx(4.1), "GPU": pytest.approx(1.0)}
+    off = load_config("configs/serve.yaml", ["serve.max_surge_percent=0"])
+    assert surge_resources(off.serve, {CLASSIFIER_NAME: 3}) == {"CPU": 0.0, "GPU": 0.0}
+    app = ServeDeploySchema.model_validate(emit_serve_config(off, "/models/best")).applications[0]
+    assert {d.max_surge_percent for d in app.deployments} == {0}
+    with pytest.raises(ConfigError, match="max_surge_percent"):
+        load_config("configs/serve.yaml", ["serve.max_surge_percent=101"])
+
+
 def test_single_topology_config_has_one_deployment_holding_the_model():
     from ray.serve.schema import ServeDeploySchema
 
