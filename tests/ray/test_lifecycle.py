@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import time
 from collections import Counter
@@ -221,7 +222,8 @@ def test_a_version_change_without_room_for_a_surge_replica_still_goes_through(ra
             assert start_server(cfg, str(second)) == url
         assert time.monotonic() - t0 < 120
         assert "no room for the extra replicas of serve.max_surge_percent=25" in caplog.text, caplog.text
-        assert "2.6 CPU (free: 1.4)" in caplog.text, caplog.text
+        free = re.search(r"2\.6 CPU \(free: ([0-9.]+)\)", caplog.text)
+        assert free and float(free.group(1)) < 2.6, caplog.text  # 1.4 when nothing else runs
         after = requests.get(f"{url}/v1/model", timeout=10).json()["checkpoint"]["id"]
         assert after != before
         deployments = serve.status().applications["nosurge"].deployments
