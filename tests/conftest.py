@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 from pathlib import Path
 
@@ -16,6 +17,13 @@ os.environ.setdefault("DISTILRAY_CACHE", str(Path(tempfile.gettempdir()) / "dist
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("DISTILRAY_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback now (Serve, MLflow and Ray servers of the tests)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def save_tiny_checkpoint(path: Path, run_name: str, seed: int = 1, max_length: int = 64) -> Path:

@@ -23,18 +23,13 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import save_tiny_checkpoint
+from tests.conftest import free_port, save_tiny_checkpoint
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 RAY_RECORD = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "ray_current_cluster"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def fresh_env(tmp_path: Path, **extra: str) -> dict[str, str]:

@@ -16,8 +16,8 @@ import requests
 
 from distilray.cli import main
 from distilray.store import MANIFEST, ModelStore
-from tests.conftest import save_tiny_checkpoint
-from tests.ray.test_serve import Load, free_port
+from tests.conftest import free_port, save_tiny_checkpoint
+from tests.ray.test_serve import Load
 
 pytestmark = pytest.mark.ray
 TINY_EVAL = ["--eval-data", "synthetic:sentiment", "--set", "data.synthetic_size=300",

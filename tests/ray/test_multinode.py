@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -32,18 +31,13 @@ from distilray.cluster import (
     read_token,
     resolve_auth,
 )
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 RAY = str(Path(sys.executable).with_name("ray"))
 JOB_TIMEOUT_S = 300
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _client_env(state_dir: Path) -> dict[str, str]:
@@ -173,7 +167,7 @@ def test_two_node_cluster_trains_across_nodes_and_serves(tmp_path):
         phases.done("batch predict job")
 
         # --- detached serve job: returns once healthy, the app keeps serving
-        port = _free_port()
+        port = free_port()
         serve_id = f"mn-serve-{uuid.uuid4().hex[:8]}"
         proc = _submit(env, serve_id, "distilray", "serve", "--checkpoint", str(best),
                        "--detach", "--host", "127.0.0.1", "--port", str(port))

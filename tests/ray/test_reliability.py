@@ -424,8 +424,7 @@ def test_serve_loses_a_node_under_load_and_replaces_its_replica_when_it_returns(
     from collections import Counter
 
     from distilray.serve.app import CLASSIFIER_NAME, INGRESS_NAME
-    from tests.conftest import save_tiny_checkpoint
-    from tests.ray.test_serve import free_port
+    from tests.conftest import free_port, save_tiny_checkpoint
 
     _ensure_all_nodes(cluster)
     t0 = time.monotonic()

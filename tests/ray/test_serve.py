@@ -11,7 +11,6 @@ model, on the ONNX Runtime backend).
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -28,7 +27,7 @@ import yaml
 from distilray.config import load_config
 from distilray.serve.app import CLASSIFIER_NAME, INGRESS_NAME, emit_serve_config
 from distilray.serve.predictor import Predictor
-from tests.conftest import save_tiny_checkpoint
+from tests.conftest import free_port, save_tiny_checkpoint
 
 pytestmark = pytest.mark.ray
 
@@ -39,11 +38,6 @@ TEXTS = ["a charming and often affecting journey .", "bad", "unflinchingly bleak
          "the plot was not boring at all , but the ending was utterly forgettable and the cast "
          "seemed tired of the whole thing by the second act .", "ok"]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(predicate, timeout_s: float, every_s: float = 0.5, what: str = "condition"):

@@ -17,7 +17,7 @@ import pytest
 
 from distilray.config import load_config
 from distilray.serve.lifecycle import shutdown_server, start_server
-from tests.ray.test_serve import free_port
+from tests.conftest import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 

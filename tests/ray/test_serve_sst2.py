@@ -3,8 +3,6 @@ and the int8 backend's accuracy against fp32."""
 
 from __future__ import annotations
 
-import socket
-
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -13,14 +11,10 @@ from distilray.client import classify
 from distilray.config import load_config
 from distilray.serve.lifecycle import shutdown_server, start_server
 from distilray.serve.predictor import Predictor
+from tests.conftest import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

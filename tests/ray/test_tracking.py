@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,18 +22,13 @@ from distilray import tracking
 from distilray.config import load_config
 from distilray.train.objective import Classification
 from distilray.train.run import read_metrics, run_training
-from tests.conftest import save_tiny_checkpoint
+from tests.conftest import free_port, save_tiny_checkpoint
 from tests.unit.test_tracking import read_event_scalars
 
 pytestmark = pytest.mark.ray
 
 mlflow = pytest.importorskip("mlflow")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def healthy(uri: str) -> bool:
