@@ -135,6 +135,7 @@ def serve_rates(ckpt: Path, dtype: str, gpu: bool, texts: list[str], concurrenci
 
     cfg = load_config(None, [f"serve.port={port}", f"serve.app_name=gpu-check-{dtype}",
                              f"serve.route_prefix=/{dtype}", f"serve.dtype={dtype}",
+                             "serve.backend=torch",  # torch's dtypes, compared with its fp32
                              f"serve.max_length={max_length}", "serve.min_replicas=1",
                              "serve.max_replicas=1", "serve.max_batch_size=128",
                              f"serve.num_gpus={1 if gpu else 0}",

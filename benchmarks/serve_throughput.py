@@ -12,7 +12,12 @@
     (one actor hop fewer per request), same cores and batching;
 (b2), (b3) (`--systems f`, `g`): (b) and (b1) with `serve.http_fast_path=false`, every request
     through FastAPI's routing;
-(c) ceiling: `Predictor` forward passes in-process, one batch of `concurrency` texts at a time.
+(c) ceiling: `Predictor` forward passes in-process, one batch of `concurrency` texts at a time;
+(d) (`--systems d`): `distilray serve --checkpoint X --detach` exactly as a user starts it, in
+    a subprocess with no RAY_ADDRESS: the default config (only the port set, and
+    serve.backend unless `--backend auto`, its default) on
+    the Ray head the command starts itself; measured after a warm-up under load, so that the
+    autoscaler has added the replicas the load asks for.
 (b) and (b1) run on a local Ray instance in Serve's high-throughput mode (HAProxy in front,
 direct ingress, gRPC between deployments), as `distilray serve` starts it; `--ray-serve-mode
 classic` starts Ray's Python proxy instead (Ray's default), for comparison.
@@ -70,11 +75,13 @@ def free_port() -> int:
 
 
 def load_texts(data: Path, n: int = 872) -> list[str]:
-    """SST-2 validation sentences (real lengths), or the synthetic corpus when absent."""
+    """SST-2 validation sentences (real lengths), IMDb test reviews (a directory with only
+    test.parquet: `--data ../shared/data/imdb`), or the synthetic corpus when absent."""
     import pyarrow.parquet as pq
 
-    if (data / "validation.parquet").exists():
-        return pq.read_table(data / "validation.parquet").column("text").to_pylist()[:n]
+    for split in ("validation", "test"):
+        if (data / f"{split}.parquet").exists():
+            return pq.read_table(data / f"{split}.parquet").column("text").to_pylist()[:n]
     from distilray.config import DataConfig
     from distilray.data import load_splits
 
@@ -192,6 +199,67 @@ class HttpLoad:
             self.pool.shutdown()
 
 
+PROCESS_GROUPS = (("HAProxy", "haproxy"), ("Classifier replica", "Classifier"),
+                  ("Ingress replica", "Ingress"), ("Serve controller", "ServeController"),
+                  ("naive server", "uvicorn"), ("Ray system", "ray"))
+
+
+def cpu_seconds_by_group() -> dict[str, float]:
+    """CPU seconds (user + system) every live process has used, summed per process group
+    (this process = the HTTP clients; Ray actors by their process titles)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    me = os.getpid()
+    totals: dict[str, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # exited meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # from field 3 (state) on
+        cpu = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        group = "HTTP clients (this process)" if int(entry) == me else next(
+            (name for name, key in PROCESS_GROUPS if key in cmd), "other")
+        totals[group] = totals.get(group, 0.0) + cpu
+    return totals
+
+
+class CpuProfile:
+    """Where the CPU time of each system's HTTP levels went, per process group."""
+
+    def __init__(self) -> None:
+        self.used: dict[str, dict[str, float]] = {}
+        self.wall: dict[str, float] = {}
+        self.requests: dict[str, int] = {}
+
+    def wrap(self, key: str, run):
+        def measured(*args):
+            before, t0 = cpu_seconds_by_group(), time.perf_counter()
+            result = run(*args)
+            after, wall = cpu_seconds_by_group(), time.perf_counter() - t0
+            used = self.used.setdefault(key, {})
+            for group, cpu in after.items():
+                used[group] = used.get(group, 0.0) + max(0.0, cpu - before.get(group, 0.0))
+            self.wall[key] = self.wall.get(key, 0.0) + wall
+            self.requests[key] = self.requests.get(key, 0) + len(result[0]) + result[2]
+            return result
+        return measured
+
+    def report(self, names: dict[str, str]) -> None:
+        print(f"\nCPU per request by process group (ms of CPU; {cpu_count()} cores):")
+        for key, used in self.used.items():
+            n, wall = max(1, self.requests[key]), self.wall[key]
+            total = sum(used.values())
+            parts = ", ".join(f"{g} {1000 * c / n:.2f} ({c / total:.0%})"
+                              for g, c in sorted(used.items(), key=lambda kv: -kv[1]) if c / total >= 0.01)
+            print(f"- {names[key]}: {1000 * total / n:.2f} ms/request, machine {total / wall / cpu_count():.0%} "
+                  f"busy: {parts}")
+
+
 def wait_http(url: str, timeout_s: float = 300) -> None:
     import requests
 
@@ -245,6 +313,49 @@ def start_distilray(ckpt: Path, gpu: bool, extra: list[str], topology: str = "sp
     return url, cfg
 
 
+class DefaultServer:
+    """(d): `distilray serve --detach` in a subprocess, its own Ray head, the default config."""
+
+    def __init__(self, ckpt: Path, backend: str, warmup_s: float, conc: int, texts: list[str]):
+        self.state_dir = Path(tempfile.mkdtemp(prefix="serve-defaults-"))
+        self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        self.env["DISTILRAY_SERVE_DIR"] = str(self.state_dir)
+        for key in SERVE_HIGH_THROUGHPUT_ENV:  # as a user's shell: no benchmark overrides
+            self.env.pop(key, None)
+        port = free_port()
+        extra = [] if backend == "auto" else ["--set", f"serve.backend={backend}"]
+        out = subprocess.run([sys.executable, "-m", "distilray", "serve", "--checkpoint", str(ckpt),
+                              "--detach", "--port", str(port), *extra], env=self.env,
+                             capture_output=True, text=True, timeout=600)
+        if out.returncode != 0:
+            raise RuntimeError(f"distilray serve --detach failed: {out.stderr[-2000:]}")
+        self.url = f"http://127.0.0.1:{port}/v1/classify"
+        wait_http(self.url)
+        asyncio.run(http_level(self.url, texts, conc, 10**9, warmup_s))  # the autoscaler's cue
+        self.replicas = self.running_replicas()
+        print(f"(d) after {warmup_s:.0f}s of warm-up at concurrency {conc}: {self.replicas}")
+
+    def running_replicas(self) -> dict[str, int]:
+        """RUNNING replicas per deployment, asked from the head's own Serve controller."""
+        state = json.loads((self.state_dir / "cluster.json").read_text())
+        env = {**self.env, "RAY_ADDRESS": state["gcs_address"], "RAY_AUTH_MODE": state["auth_mode"]}
+        if state.get("token_path"):
+            env["RAY_AUTH_TOKEN_PATH"] = state["token_path"]
+        code = ("import json, ray; from ray import serve; ray.init(log_to_driver=False); "
+                "app = serve.status().applications['distilray']; print(json.dumps({n: d.replica_states"
+                ".get('RUNNING', 0) for n, d in app.deployments.items()}))")
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                             timeout=120)
+        try:
+            return json.loads(out.stdout.strip().splitlines()[-1])
+        except (IndexError, json.JSONDecodeError):
+            return {"unknown": -1}
+
+    def stop(self) -> None:
+        subprocess.run([sys.executable, "-m", "distilray", "serve", "--stop"], env=self.env,
+                       capture_output=True, text=True, timeout=300)
+
+
 class Ceiling:
     """(c): `Predictor` forward passes in this process, a batch of `concurrency` texts each."""
 
@@ -292,8 +403,10 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=30.0, help="seconds cap per level")
     parser.add_argument("--systems", default="abcs",
                         help="which of a, b, c, s (= b1, topology=single), n (= b0, "
-                             "coalesce=false), f (= b2, http_fast_path=false) and g (= b3, "
-                             "single without the fast path) to run")
+                             "coalesce=false), f (= b2, http_fast_path=false), g (= b3, "
+                             "single without the fast path) and d (the defaults) to run")
+    parser.add_argument("--warmup", type=float, default=45.0,
+                        help="seconds of load on (d) before measuring (autoscaling)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="interleaved rounds; caps are split across them")
     parser.add_argument("--gpu", action="store_true", help="run model on CUDA in all systems")
@@ -303,14 +416,19 @@ def main() -> None:
                         default="high-throughput",
                         help="how the local Ray instance runs Serve: HAProxy + direct ingress "
                              "(distilray's default) or Ray's Python HTTP proxy")
-    parser.add_argument("--backend", choices=["torch", "onnx", "onnx-int8", "int8"], default="torch",
-                        help="model backend of (b), (b1) and (c); (a) is always the fp32 pipeline")
+    parser.add_argument("--backend", choices=["auto", "torch", "onnx", "onnx-int8", "int8"],
+                        default="torch",
+                        help="model backend of (b), (b1), (c) and (d) (`auto`: serve.backend's "
+                             "default); (a) is always the fp32 pipeline")
     parser.add_argument("--random-weights", action="store_true",
                         help="--checkpoint holds config + tokenizer only: give it seeded random "
                              "weights first (same cost per forward pass; no accuracy meaning)")
     parser.add_argument("--client-procs", type=int, default=1,
                         help="split each HTTP level's clients over this many processes (GPU "
                              "servers outrun one Python client; keep 1 on a few CPUs)")
+    parser.add_argument("--cpu-profile", action="store_true",
+                        help="also print where each HTTP system's CPU time went, per process "
+                             "group (clients, HAProxy, Ingress, Classifier, Ray), from /proc")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args()
     global PORT
@@ -321,8 +439,7 @@ def main() -> None:
         os.environ.update({k: "0" for k in SERVE_HIGH_THROUGHPUT_ENV})
     else:
         use_serve_high_throughput()
-    if args.backend != "torch":
-        args.serve_set.append(f"serve.backend={args.backend}")
+    args.serve_set.append(f"serve.backend={args.backend}")  # (b)'s engine is (c)'s
 
     device = "cuda" if args.gpu else "cpu"
     levels = list(zip(args.concurrency, args.requests, strict=True))
@@ -342,7 +459,8 @@ def main() -> None:
              "b": "(b) distilray serve", "s": "(b1) distilray serve, topology=single",
              "n": "(b0) distilray serve, coalesce=false",
              "f": "(b2) distilray serve, http_fast_path=false",
-             "g": "(b3) distilray serve, topology=single, http_fast_path=false"}
+             "g": "(b3) distilray serve, topology=single, http_fast_path=false",
+             "d": "(d) distilray serve --checkpoint X, defaults"}
     runners, cleanup = {}, []
     load = HttpLoad(args.client_procs)
     cleanup.append(load.close)
@@ -357,6 +475,10 @@ def main() -> None:
             url_a, proc = start_naive(ckpt, device)
             cleanup.append(lambda: (proc.terminate(), proc.wait(timeout=30)))
             runners["a"] = lambda t, c, n, d, u=url_a: load.level(u, t, c, n, d)
+        if "d" in args.systems:
+            default = DefaultServer(ckpt, args.backend, args.warmup, max(args.concurrency), texts)
+            cleanup.append(default.stop)
+            runners["d"] = lambda t, c, n, d, u=default.url: load.level(u, t, c, n, d)
         variants = [v for v in VARIANTS if v[0] in args.systems]
         for key, topology, extra, name in variants:
             url, cfg = start_distilray(ckpt, args.gpu, args.serve_set + extra, topology, name,
@@ -367,6 +489,9 @@ def main() -> None:
                 shutdown_server(cfg)
             cleanup.append(stop)
             runners[key] = lambda t, c, n, d, u=url: load.level(u, t, c, n, d)
+        profile = CpuProfile() if args.cpu_profile else None
+        if profile is not None:
+            runners = {k: run if k == "c" else profile.wrap(k, run) for k, run in runners.items()}
         pooled = {(k, c): ([], 0.0, 0) for k in runners for c, _ in levels}
         for _ in range(args.rounds):
             for conc, n in levels:
@@ -391,7 +516,7 @@ def main() -> None:
     by = {(r["system"][:3], r["concurrency"]): r for r in rows}
     print("\n| system | concurrency | vs (a) req/s | p99 / (a) p99 | vs (c) req/s |")
     print("| --- | ---: | ---: | ---: | ---: |")
-    for label in ("(b)", "(b0)", "(b1)", "(b2)", "(b3)"):
+    for label in ("(b)", "(b0)", "(b1)", "(b2)", "(b3)", "(d)"):
         key = label[:3]  # as `by` is keyed
         for conc, _ in levels:
             a, b, c = by.get(("(a)", conc)), by.get((key, conc)), by.get(("(c)", conc))
@@ -401,6 +526,8 @@ def main() -> None:
             pa = f"{b['p99'] / a['p99']:.2f}" if a else "-"
             bc = f"{b['rps'] / c['rps']:.0%}" if c else "-"
             print(f"| {label} | {conc} | {ba} | {pa} | {bc} |")
+    if profile is not None:
+        profile.report(names)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 

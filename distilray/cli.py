@@ -224,7 +224,9 @@ def cmd_serve_detach(args: argparse.Namespace) -> int:
     bundle = _serve_bundle(cfg)
     checkpoint = None if bundle else str(check_servable(_serve_checkpoint(args, cfg)))
     if not os.environ.get("RAY_ADDRESS"):  # a head that outlives this command
-        _join_serve_head(start=True)
+        from distilray.serve.app import full_scale_cpus
+
+        _join_serve_head(start=True, min_cpus=full_scale_cpus(cfg.serve))
     from distilray.serve.lifecycle import start_server  # imports Ray, which reads the env once
 
     _print_serving(start_server(cfg, checkpoint, bundle))
@@ -272,14 +274,14 @@ def _print_serving(url: str) -> None:
           "application/json' -d '{\"text\": \"a great movie\"}')", flush=True)
 
 
-def _join_serve_head(start: bool) -> Any:
+def _join_serve_head(start: bool, min_cpus: float = 0.0) -> Any:
     """Point this process at the Ray head `--detach` keeps (see `cluster.serve_head`); call it
     before importing Ray, which reads RAY_AUTH_MODE when it is imported."""
     import os
 
     from distilray.cluster import serve_head, serve_head_dir
 
-    state = serve_head(serve_head_dir(), start=start)
+    state = serve_head(serve_head_dir(), start=start, min_cpus=min_cpus)
     if state is not None:
         os.environ.update(state.client_env())
     return state

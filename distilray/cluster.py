@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shlex
 import shutil
@@ -595,18 +596,19 @@ def serve_head_dir() -> Path:
     return Path(os.environ.get("DISTILRAY_SERVE_DIR", "~/.distilray/serve")).expanduser()
 
 
-def local_head_node() -> NodeSpec:
-    """A head with the machine's resources, as `ray start --head` would take: every CPU and GPU."""
+def local_head_node(min_cpus: float = 0.0) -> NodeSpec:
+    """A head with the machine's resources, as `ray start --head` would take: every CPU and GPU;
+    at least `min_cpus` logical CPUs (what the application to deploy holds at full scale)."""
     gpus = 0
     if shutil.which("nvidia-smi"):
         out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False,
                              timeout=30)
         if out.returncode == 0:  # one "GPU <i>: <name> (UUID: ...)" line per device
             gpus = sum(line.startswith("GPU ") for line in out.stdout.splitlines())
-    return NodeSpec("head", float(os.cpu_count() or 1), gpus)
+    return NodeSpec("head", max(float(os.cpu_count() or 1), float(math.ceil(min_cpus))), gpus)
 
 
-def serve_head(state_dir: Path, start: bool) -> ClusterState | None:
+def serve_head(state_dir: Path, start: bool, min_cpus: float = 0.0) -> ClusterState | None:
     """The persistent head `serve --detach` deploys on: the recorded one while it lives; after a
     dead one, what is left of its session is stopped; a new one when `start`. None if none runs.
 
@@ -620,5 +622,5 @@ def serve_head(state_dir: Path, start: bool) -> ClusterState | None:
     if state is None and start:
         log.info("RAY_ADDRESS is unset: starting a Ray head for `distilray serve --detach` "
                  "(recorded in %s; `distilray serve --stop` stops it)", state_dir)
-        state = cluster_up(state_dir, [local_head_node()])
+        state = cluster_up(state_dir, [local_head_node(min_cpus)])
     return state

@@ -128,6 +128,22 @@ def surge_resources(cfg: ServeConfig, running: dict[str, int]) -> dict[str, floa
     return need
 
 
+def full_scale_cpus(cfg: ServeConfig) -> float:
+    """CPUs the application holds at max_replicas while a version change's surge replicas start.
+
+    What a private local Ray instance (`distilray serve` with no RAY_ADDRESS) is sized to, so
+    that autoscaling and rollouts never wait for logical CPUs: with the defaults, two 1-CPU
+    Classifier replicas (one torch thread each) and the Ingress on a 2-core laptop, instead of
+    one replica on one core while the other core idles.
+    """
+    total = 0.0
+    for opts in deployment_options(cfg):
+        count = opts.get("num_replicas") or opts["autoscaling_config"]["max_replicas"]
+        surge = -(-cfg.max_surge_percent * count // 100) if cfg.max_surge_percent > 0 else 0
+        total += (count + surge) * opts["ray_actor_options"].get("num_cpus", 0.0)
+    return total
+
+
 def texts_in_flight_policy(ctx: Any) -> tuple[float, dict]:
     """Deployment-level Serve autoscaling policy of a coalescing Classifier.
 

@@ -15,7 +15,7 @@ from distilray.checkpoints import check_servable
 from distilray.config import Config, ServeConfig
 from distilray.errors import DistilrayError
 from distilray.runtime import connect_ray
-from distilray.serve.app import bind_app, http_options, surge_resources
+from distilray.serve.app import bind_app, full_scale_cpus, http_options, surge_resources
 from distilray.serve.http import server_token
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,8 @@ def start_server(cfg: Config, checkpoint: str | None, bundle: dict[str, str] | N
     s = cfg.serve
     path = None if bundle else check_servable(checkpoint or "")
     server_token(s.auth_token_env, s.auth_token_file)  # fail here, not in every replica
-    connect_ray(include_dashboard=False, log_to_driver=False)
+    # a private local instance (no RAY_ADDRESS, none joined) is sized so every replica fits
+    connect_ray(min_cpus=full_scale_cpus(s), include_dashboard=False, log_to_driver=False)
     serve.start(http_options=http_options(s))
     actual = serve.context._get_global_client().http_config
     if (actual.host, actual.port) != (s.host, s.port):

@@ -22,7 +22,7 @@ from distilray.onnx_backend import ORT_BACKENDS
 log = logging.getLogger(__name__)
 
 PAD_MULTIPLE = 8  # a forward pass is padded to a multiple of this many tokens
-BACKENDS = ("torch", "int8", *ORT_BACKENDS)
+BACKENDS = ("auto", "torch", "int8", *ORT_BACKENDS)
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -63,6 +63,7 @@ class Predictor:
         self.pass_overhead_tokens = (pass_overhead_tokens if pass_overhead_tokens is not None
                                      else 64 if self.device.type == "cpu" else max_batch_tokens)
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        backend = resolve_backend(backend, self.device.type, dtype)
         self.backend, self.dtype = backend, dtype
         self.model: Any = None  # the torch module (torch and int8 backends)
         if backend in ORT_BACKENDS:
@@ -172,6 +173,18 @@ def check_dtype(dtype: str, device_type: str) -> None:
     if dtype != "float32" and device_type != "cuda":
         raise ConfigError(f"dtype={dtype} needs a CUDA GPU (this replica runs on {device_type}); "
                           "set dtype=float32 or give it a GPU")
+
+
+def resolve_backend(backend: str, device_type: str, dtype: str = "float32") -> str:
+    """`serve.backend: auto` made concrete for this replica: `onnx-int8` on CPU in float32 when
+    ONNX Runtime is installed, else `torch`; any other backend as given."""
+    if backend != "auto":
+        return backend
+    if device_type != "cpu" or dtype != "float32":
+        return "torch"
+    import importlib.util
+
+    return "onnx-int8" if importlib.util.find_spec("onnxruntime") is not None else "torch"
 
 
 def torch_int8_available() -> bool:

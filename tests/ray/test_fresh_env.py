@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from distilray.config import load_config
+from distilray.serve.app import full_scale_cpus
 from tests.conftest import free_port, save_tiny_checkpoint
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -95,14 +97,20 @@ def test_serve_detach_then_stop_without_ray_address(tmp_path, tiny_checkpoint):
     state_dir = tmp_path / "serve-state"
     env = fresh_env(tmp_path, DISTILRAY_SERVE_DIR=str(state_dir))
     port = free_port()
+    # The default 1-CPU Classifier, two replicas from the start: the head `--detach` starts
+    # holds every replica (2 x 1 CPU + the Ingress do not fit a 2-core machine's 2 CPUs), so
+    # the deploy, which waits for both replicas, goes through on any machine.
     served = distilray("serve", "--checkpoint", str(tiny_checkpoint), "--detach", "--port",
-                       str(port), "--set", "serve.num_cpus=0.5", "--set", "serve.max_length=64",
+                       str(port), "--set", "serve.min_replicas=2", "--set", "serve.max_length=64",
                        env=env)
     state = json.loads((state_dir / "cluster.json").read_text()) if (
         state_dir / "cluster.json").exists() else None
     try:
         assert served.returncode == 0, served.stderr[-3000:]
         assert state is not None, "--detach recorded no Ray head"
+        need = full_scale_cpus(load_config(None, ["serve.min_replicas=2"]).serve)
+        assert need == 3.2  # (2 + 1 surge) Classifiers x 1 CPU + (1 + 1) Ingress x 0.1
+        assert state["nodes"][0]["num_cpus"] == max(os.cpu_count(), 4), state["nodes"]
         url = f"http://127.0.0.1:{port}"
         assert f"serving at {url}" in served.stdout
         # the head outlived the command that started it

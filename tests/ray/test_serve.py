@@ -121,8 +121,9 @@ def served(ray_4_cpus, tiny_checkpoint, tmp_path_factory):
     from ray import serve
 
     port = free_port()
+    # torch: compared with transformers.pipeline; `locked` keeps serve.backend's default, auto
     common = [f"serve.port={port}", "serve.num_cpus=0.5", "serve.max_length=64",
-              "serve.health_check_period_s=1"]
+              "serve.health_check_period_s=1", "serve.backend=torch"]
     main = load_config(None, common + [
         "serve.app_name=main", "serve.route_prefix=/", "serve.max_texts=8",
         "serve.max_text_chars=300", "serve.min_replicas=1", "serve.max_replicas=2",
@@ -132,7 +133,7 @@ def served(ray_4_cpus, tiny_checkpoint, tmp_path_factory):
         "serve.request_timeout_s=20"])
     token_file = tmp_path_factory.mktemp("secret") / "token"
     token_file.write_text(TOKEN + "\n")
-    locked = load_config(None, common + [
+    locked = load_config(None, common[:-1] + [
         "serve.app_name=locked", "serve.route_prefix=/locked", f"serve.auth_token_file={token_file}",
         "serve.request_timeout_s=0.05", "serve.batch_wait_timeout_s=0.5",
         "serve.max_batch_size=64", "serve.max_replicas=1"])
@@ -192,6 +193,15 @@ def test_predictions_match_in_process_and_transformers_pipeline(served, tiny_che
         ref = {d["label"]: d["score"] for d in ref}
         assert pred["label"] == max(ref, key=ref.get)
         assert pred["probabilities"] == pytest.approx(ref, abs=1e-5)
+
+
+def test_the_default_backend_on_cpu_is_onnx_int8(served):
+    # `locked` leaves serve.backend at its default, auto (its classify calls all time out by
+    # design; test_serve_overload and test_fresh_env classify over HTTP with the default)
+    model = requests.get(f"{served['locked']}/v1/model", timeout=30,
+                         headers={"Authorization": f"Bearer {TOKEN}"}).json()
+    assert model["backend"] == "onnx-int8" and model["device"] == "cpu", model
+    assert requests.get(f"{served['main']}/v1/model", timeout=30).json()["backend"] == "torch"
 
 
 def test_single_topology_serves_from_one_deployment(served, tiny_checkpoint):

@@ -30,7 +30,8 @@ def test_served_sst2_checkpoint_is_accurate_and_matches_pipeline(ray_4_cpus, sst
     texts, labels = sst2_validation
     cfg = load_config(None, [f"serve.port={free_port()}", "serve.app_name=sst2",
                              "serve.route_prefix=/sst2", "serve.min_replicas=1",
-                             "serve.max_replicas=1", "serve.num_cpus=1", "serve.max_texts=64"])
+                             "serve.max_replicas=1", "serve.num_cpus=1", "serve.max_texts=64",
+                             "serve.backend=torch"])  # the fp32 reference (the default is auto)
     url = start_server(cfg, sst2_checkpoint)
     try:
         preds = classify(url, texts, batch_size=64)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from distilray.serve.app import (
     CLASSIFIER_NAME,
     IMPORT_PATH,
     INGRESS_NAME,
+    INGRESS_NUM_CPUS,
     emit_serve_config,
     resolve_checkpoint,
     serve_config_from_args,
@@ -193,6 +195,27 @@ def test_int8_backend_stays_close_to_fp32(tiny_checkpoint):
     assert np.abs(a - b).max() < 0.05
 
 
+def test_auto_backend_is_onnx_int8_on_cpu_when_onnx_runtime_is_installed(tiny_checkpoint, monkeypatch):
+    import importlib.util
+
+    from distilray.serve.predictor import resolve_backend
+
+    assert load_config(None).serve.backend == "auto"
+    assert load_config(None).predict.backend == "torch"  # batch scoring keeps fp32 answers
+    assert importlib.util.find_spec("onnxruntime") is not None  # the dev extra installs it
+    pred = Predictor(str(tiny_checkpoint), max_length=64, backend="auto")
+    assert pred.backend == "onnx-int8" and pred.model is None
+    fp32 = Predictor(str(tiny_checkpoint), max_length=64).logits(TEXTS)
+    assert np.abs(pred.logits(TEXTS) - fp32).max() < 0.05
+    assert resolve_backend("auto", "cuda") == "torch"  # GPUs run torch (and half precision)
+    assert resolve_backend("auto", "cpu", "bfloat16") == "torch"
+    assert resolve_backend("onnx", "cpu") == "onnx"  # a named backend is never replaced
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",  # a machine without the [onnx] extra
+                        lambda name, *a: None if name == "onnxruntime" else real_find_spec(name, *a))
+    assert resolve_backend("auto", "cpu") == "torch"
+
+
 def test_checkpoint_errors_name_the_problem(tmp_path, tiny_checkpoint):
     with pytest.raises(CheckpointError, match="no such directory"):
         check_servable(str(tmp_path / "missing"))
@@ -248,6 +271,26 @@ def test_emitted_config_is_a_valid_serve_config_and_round_trips():
     checkpoint, serve_cfg = serve_config_from_args(app.args)
     assert checkpoint == "/models/best"
     assert serve_cfg.max_texts == cfg.serve.max_texts
+
+
+def test_a_private_local_ray_is_sized_to_hold_every_replica_of_the_defaults():
+    from distilray.cluster import local_head_node
+    from distilray.runtime import local_cpus
+    from distilray.serve.app import full_scale_cpus
+
+    # defaults: (2 max replicas + 1 surge) x 1-CPU Classifier + (1 + 1 surge) x 0.1-CPU Ingress
+    default = load_config(None).serve
+    assert full_scale_cpus(default) == pytest.approx(3.2)
+    assert local_cpus(full_scale_cpus(default)) >= 4  # `distilray serve` in the foreground
+    head = local_head_node(full_scale_cpus(default))  # the head `distilray serve --detach` starts
+    assert head.num_cpus == max(float(os.cpu_count() or 1), 4.0)
+    # on 2 cores the old 2-CPU instance held one Classifier: one torch thread, one idle core
+    assert 2 * default.num_cpus + INGRESS_NUM_CPUS > 2
+    assert full_scale_cpus(load_config(None, ["serve.max_surge_percent=0"]).serve) == pytest.approx(2.1)
+    assert full_scale_cpus(load_config(None, ["serve.topology=single"]).serve) == pytest.approx(3.0)
+    assert full_scale_cpus(load_config(None, ["serve.max_replicas=4", "serve.num_cpus=2",
+                                              "serve.ingress_replicas=2"]).serve) == pytest.approx(10.3)
+    assert local_head_node(0.5).num_cpus == float(os.cpu_count() or 1)  # never below the machine
 
 
 def test_version_changes_surge_by_default_and_the_surge_is_sized_per_deployment():
