@@ -75,7 +75,9 @@ def test_default_server_sheds_overload_within_a_second_and_keeps_accepted_latenc
     codes = {code for code, _, _ in flood}
     assert codes <= {200, 503}, codes
     ok, shed = latencies(flood, 200), latencies(flood, 503)
-    assert len(shed) > len(ok) > 100, (len(ok), len(shed))  # shed, yet still serving
+    # shed, yet still serving: how many are admitted is the server's capacity (the default
+    # onnx-int8 backend admits more than it refuses; torch about as many)
+    assert len(ok) > 100 and len(shed) >= 0.2 * (len(ok) + len(shed)), (len(ok), len(shed))
     # Retry-After: the base 1 s, growing with the refused-to-admitted ratio (at most 10 s)
     retry_after = {int(retry) for code, _, retry in flood if code == 503}
     assert min(retry_after) >= 1 and max(retry_after) <= 10, retry_after
