@@ -337,10 +337,12 @@ class DefaultServer:
 
     def running_replicas(self) -> dict[str, int]:
         """RUNNING replicas per deployment, asked from the head's own Serve controller."""
-        state = json.loads((self.state_dir / "cluster.json").read_text())
-        env = {**self.env, "RAY_ADDRESS": state["gcs_address"], "RAY_AUTH_MODE": state["auth_mode"]}
-        if state.get("token_path"):
-            env["RAY_AUTH_TOKEN_PATH"] = state["token_path"]
+        from distilray.cluster import ClusterState
+
+        state = ClusterState.load(self.state_dir)
+        if state is None:
+            return {"unknown": -1}
+        env = {**self.env, **state.client_env()}
         code = ("import json, ray; from ray import serve; ray.init(log_to_driver=False); "
                 "app = serve.status().applications['distilray']; print(json.dumps({n: d.replica_states"
                 ".get('RUNNING', 0) for n, d in app.deployments.items()}))")

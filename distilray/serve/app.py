@@ -136,12 +136,11 @@ def full_scale_cpus(cfg: ServeConfig) -> float:
     Classifier replicas (one torch thread each) and the Ingress on a 2-core laptop, instead of
     one replica on one core while the other core idles.
     """
-    total = 0.0
-    for opts in deployment_options(cfg):
-        count = opts.get("num_replicas") or opts["autoscaling_config"]["max_replicas"]
-        surge = -(-cfg.max_surge_percent * count // 100) if cfg.max_surge_percent > 0 else 0
-        total += (count + surge) * opts["ray_actor_options"].get("num_cpus", 0.0)
-    return total
+    deployments = deployment_options(cfg)
+    most = {d["name"]: d.get("num_replicas") or d["autoscaling_config"]["max_replicas"]
+            for d in deployments}
+    held = sum(most[d["name"]] * d["ray_actor_options"].get("num_cpus", 0.0) for d in deployments)
+    return held + surge_resources(cfg, most)["CPU"]
 
 
 def texts_in_flight_policy(ctx: Any) -> tuple[float, dict]:

@@ -121,9 +121,10 @@ def served(ray_4_cpus, tiny_checkpoint, tmp_path_factory):
     from ray import serve
 
     port = free_port()
+    base = [f"serve.port={port}", "serve.num_cpus=0.5", "serve.max_length=64",
+            "serve.health_check_period_s=1"]
     # torch: compared with transformers.pipeline; `locked` keeps serve.backend's default, auto
-    common = [f"serve.port={port}", "serve.num_cpus=0.5", "serve.max_length=64",
-              "serve.health_check_period_s=1", "serve.backend=torch"]
+    common = base + ["serve.backend=torch"]
     main = load_config(None, common + [
         "serve.app_name=main", "serve.route_prefix=/", "serve.max_texts=8",
         "serve.max_text_chars=300", "serve.min_replicas=1", "serve.max_replicas=2",
@@ -133,7 +134,7 @@ def served(ray_4_cpus, tiny_checkpoint, tmp_path_factory):
         "serve.request_timeout_s=20"])
     token_file = tmp_path_factory.mktemp("secret") / "token"
     token_file.write_text(TOKEN + "\n")
-    locked = load_config(None, common[:-1] + [
+    locked = load_config(None, base + [
         "serve.app_name=locked", "serve.route_prefix=/locked", f"serve.auth_token_file={token_file}",
         "serve.request_timeout_s=0.05", "serve.batch_wait_timeout_s=0.5",
         "serve.max_batch_size=64", "serve.max_replicas=1"])
