@@ -316,7 +316,8 @@ def start_distilray(ckpt: Path, gpu: bool, extra: list[str], topology: str = "sp
 class DefaultServer:
     """(d): `distilray serve --detach` in a subprocess, its own Ray head, the default config."""
 
-    def __init__(self, ckpt: Path, backend: str, warmup_s: float, conc: int, texts: list[str]):
+    def __init__(self, ckpt: Path, backend: str, warmup_s: float, conc: int, texts: list[str],
+                 overrides: list[str] | None = None):
         self.state_dir = Path(tempfile.mkdtemp(prefix="serve-defaults-"))
         self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         self.env["DISTILRAY_SERVE_DIR"] = str(self.state_dir)
@@ -324,6 +325,7 @@ class DefaultServer:
             self.env.pop(key, None)
         port = free_port()
         extra = [] if backend == "auto" else ["--set", f"serve.backend={backend}"]
+        extra += [arg for kv in overrides or [] for arg in ("--set", kv)]
         out = subprocess.run([sys.executable, "-m", "distilray", "serve", "--checkpoint", str(ckpt),
                               "--detach", "--port", str(port), *extra], env=self.env,
                              capture_output=True, text=True, timeout=600)
@@ -414,6 +416,8 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true", help="run model on CUDA in all systems")
     parser.add_argument("--serve-set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra config overrides for (b), e.g. serve.max_batch_size=64")
+    parser.add_argument("--defaults-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config overrides for (d) (an A/B against the defaults)")
     parser.add_argument("--ray-serve-mode", choices=["high-throughput", "classic"],
                         default="high-throughput",
                         help="how the local Ray instance runs Serve: HAProxy + direct ingress "
@@ -456,7 +460,8 @@ def main() -> None:
     print(f"model {args.checkpoint or args.model} ({ckpt}), {len(texts)} texts, mean {np.mean([len(t) for t in texts]):.0f}"
           f" chars, {cpu_count()} CPUs, device {device}, levels {levels}, cap {args.duration}s, "
           f"Serve mode {args.ray_serve_mode}, backend {args.backend}, client processes "
-          f"{args.client_procs}, (b) overrides {args.serve_set or 'none'}")
+          f"{args.client_procs}, (b) overrides {args.serve_set or 'none'}, (d) overrides "
+          f"{args.defaults_set or 'none'}")
     names = {"c": "(c) in-process batched ceiling", "a": "(a) naive FastAPI + pipeline",
              "b": "(b) distilray serve", "s": "(b1) distilray serve, topology=single",
              "n": "(b0) distilray serve, coalesce=false",
@@ -478,7 +483,8 @@ def main() -> None:
             cleanup.append(lambda: (proc.terminate(), proc.wait(timeout=30)))
             runners["a"] = lambda t, c, n, d, u=url_a: load.level(u, t, c, n, d)
         if "d" in args.systems:
-            default = DefaultServer(ckpt, args.backend, args.warmup, max(args.concurrency), texts)
+            default = DefaultServer(ckpt, args.backend, args.warmup, max(args.concurrency), texts,
+                                    args.defaults_set)
             cleanup.append(default.stop)
             runners["d"] = lambda t, c, n, d, u=default.url: load.level(u, t, c, n, d)
         variants = [v for v in VARIANTS if v[0] in args.systems]

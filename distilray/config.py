@@ -249,9 +249,15 @@ class ServeConfig:
     topology=single."""
     coalesce: bool = True
     """Split topology: the Ingress merges the texts of concurrent requests into shared
-    Classifier calls, one call in flight per Classifier replica (one actor hop per batch, not
-    per request); the Classifier then autoscales on the texts waiting for or in its forward
-    passes (`target_ongoing_requests` counts texts). `false`: one Classifier call per request."""
+    Classifier calls, `calls_per_replica` in flight per Classifier replica (one actor hop per
+    batch, not per request); the Classifier then autoscales on the texts waiting for or in its
+    forward passes (`target_ongoing_requests` counts texts). `false`: one Classifier call per
+    request."""
+    calls_per_replica: int = _opt(1, ge=1, le=2)
+    """Coalesced Classifier calls in flight per replica. 1: a replica idles while its answer
+    travels back and the next call comes; 2: the next call waits in the replica's queue and
+    joins its next forward pass (a call then takes about two passes, and the admission budget
+    counts passes as half a call)."""
     http_fast_path: bool = True
     """`POST /v1/classify` bodies that validate skip FastAPI's routing, dependency and
     exception layers (same answer, less CPU per request); anything else — bad JSON, invalid

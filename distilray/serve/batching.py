@@ -250,9 +250,12 @@ class CallCoalescer(TextQueue):
     once (a lone request is never delayed); while every slot is busy, requests queue and
     leave together, up to `max_batch_size` texts per call, when one frees up.
 
-    `call(texts)` returns `(source, results)`: the slots are the distinct sources (model
-    replicas) that answered within `window_s`, so calls fan out as replicas are added and a
-    second call never waits behind the first on a lone replica with few texts.
+    `call(texts)` returns `(source, results)`: the slots are `calls_per_source` per distinct
+    source (model replica) that answered within `window_s`, so calls fan out as replicas are
+    added. With one call per replica, a replica idles while its answer travels back and the
+    next call comes; with two, the next call already waits in the replica's own queue and
+    joins its next forward pass. A call then lasts about `calls_per_source` passes, so the
+    wait budget counts passes as a call's time divided by `calls_per_source`.
 
     A call running past `STALL_PASSES` passes (at least `STALL_MIN_S`) stops holding its
     slot: its replica is likely gone with its node, and Ray says so only seconds later.
@@ -267,9 +270,10 @@ class CallCoalescer(TextQueue):
                  window_s: float = 10.0, clock: Callable[[], float] = time.monotonic,
                  on_queue: Callable[[int], None] | None = None,
                  max_wait_s: float | None = None, wait_passes: float = 1.0,
-                 retry_after_s: float = 1.0):
+                 retry_after_s: float = 1.0, calls_per_source: int = 1):
         super().__init__(max_batch_size, max_wait_s, wait_passes, clock, retry_after_s)
         self.call, self.window_s = call, window_s
+        self.calls_per_source = calls_per_source
         self.on_queue = on_queue
         self.in_flight = 0
         self.sources: dict[Any, float] = {}
@@ -278,10 +282,15 @@ class CallCoalescer(TextQueue):
     def slots(self) -> int:
         now = self.clock()
         self.sources = {k: t for k, t in self.sources.items() if now - t <= self.window_s}
-        return max(1, len(self.sources))
+        return self.calls_per_source * max(1, len(self.sources))
 
     def _lanes(self) -> int:
         return self.slots
+
+    def budget_s(self) -> float | None:
+        if self.max_wait_s is None or self.pass_s is None:
+            return self.max_wait_s
+        return min(self.max_wait_s, self.wait_passes * self.pass_s / self.calls_per_source)
 
     def _stall_s(self) -> float | None:
         return None if self.pass_s is None else max(self.STALL_MIN_S, self.STALL_PASSES * self.pass_s)

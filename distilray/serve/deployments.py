@@ -162,7 +162,7 @@ class Ingress:
             self._coalescer = CallCoalescer(
                 lambda texts: self._call_classifier(merged, texts), s.max_batch_size,
                 on_queue=queue.set, max_wait_s=s.max_queue_wait_s, wait_passes=s.queue_wait_passes,
-                                    retry_after_s=s.retry_after_s)
+                retry_after_s=s.retry_after_s, calls_per_source=s.calls_per_replica)
         elif classifier is not None:
             self._classify = classifier.classify
         if s.http_fast_path and self.fast_path_key is not None:

@@ -816,3 +816,45 @@ def test_fast_path_handler_is_registered_from_a_class_pickled_by_value():
     out = subprocess.run([sys.executable, "-c", load], input=pickled.stdout, capture_output=True,
                          timeout=120)
     assert out.returncode == 0 and out.stdout.decode().strip() == "ok", out.stderr.decode()[-2000:]
+
+
+def test_two_calls_per_replica_keep_the_next_call_queued_and_the_budget_in_passes():
+    import asyncio
+
+    from distilray.serve.batching import CallCoalescer
+
+    now = [0.0]
+    arrived: list[list[str]] = []
+    gates: list[asyncio.Event] = []
+
+    async def call(texts):
+        arrived.append(list(texts))
+        gate = asyncio.Event()
+        gates.append(gate)
+        if len(arrived) <= 3:
+            await gate.wait()
+        return "replica-1", texts
+
+    async def main():
+        co = CallCoalescer(call, max_batch_size=2, clock=lambda: now[0], max_wait_s=5.0,
+                           calls_per_source=2)
+        tasks = [asyncio.create_task(co.submit([f"t{i}"])) for i in range(5)]
+        for _ in range(3):
+            await asyncio.sleep(0)
+        # one replica known, two calls in flight: the second leaves while the first runs
+        assert arrived == [["t0"], ["t1"]] and co.slots == 2 and co.queued_texts == 3
+        now[0] = 0.4  # the first call (one pass) took 0.4 s
+        gates[0].set()
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert arrived[2] == ["t2", "t3"]
+        # a call lasts about two passes: the budget of queue_wait_passes=1 is half a call
+        assert co.pass_s == 0.4 and co.budget_s() == 0.2
+        for gate in gates[1:]:
+            gate.set()
+        return await asyncio.gather(*tasks)
+
+    assert asyncio.run(main()) == [[f"t{i}"] for i in range(5)]
+    plain = CallCoalescer(call, max_batch_size=2, max_wait_s=5.0)
+    plain.pass_s = 0.4
+    assert plain.slots == 1 and plain.budget_s() == 0.4
