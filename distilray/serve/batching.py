@@ -254,8 +254,8 @@ class CallCoalescer(TextQueue):
     source (model replica) that answered within `window_s`, so calls fan out as replicas are
     added. With one call per replica, a replica idles while its answer travels back and the
     next call comes; with two, the next call already waits in the replica's own queue and
-    joins its next forward pass. A call then lasts about `calls_per_source` passes, so the
-    wait budget counts passes as a call's time divided by `calls_per_source`.
+    joins its next forward pass. A call then lasts up to two passes, and so does the wait
+    budget of `wait_passes=1` (the measured "pass" here is a call).
 
     A call running past `STALL_PASSES` passes (at least `STALL_MIN_S`) stops holding its
     slot: its replica is likely gone with its node, and Ray says so only seconds later.
@@ -286,11 +286,6 @@ class CallCoalescer(TextQueue):
 
     def _lanes(self) -> int:
         return self.slots
-
-    def budget_s(self) -> float | None:
-        if self.max_wait_s is None or self.pass_s is None:
-            return self.max_wait_s
-        return min(self.max_wait_s, self.wait_passes * self.pass_s / self.calls_per_source)
 
     def _stall_s(self) -> float | None:
         return None if self.pass_s is None else max(self.STALL_MIN_S, self.STALL_PASSES * self.pass_s)
