@@ -2,14 +2,15 @@
 defaults (only the port and app name set), loaded far past its capacity over loopback.
 
 The clients are well-behaved: after a 503 each waits its `Retry-After`, with the ±50% jitter
-that client retry policies add so that rejected callers do not come back in lockstep.
+that client retry policies add so that rejected callers do not come back in lockstep. The
+same scenario, per config and with where the slowest answers come from:
+`python benchmarks/overload.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
-import time
+import sys
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -17,43 +18,12 @@ import pytest
 
 from distilray.config import load_config
 from distilray.serve.lifecycle import shutdown_server, start_server
-from tests.conftest import free_port
+from tests.conftest import REPO, free_port
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+from overload import closed_loop, latencies  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
-
-
-async def closed_loop(url: str, texts: list[str], clients: int, duration_s: float) -> list[tuple]:
-    """`clients` closed-loop clients for `duration_s`: (status, seconds, Retry-After) per answer."""
-    import aiohttp
-
-    answers: list[tuple] = []
-    connector = aiohttp.TCPConnector(limit=clients)
-    async with aiohttp.ClientSession(connector=connector,
-                                     timeout=aiohttp.ClientTimeout(total=60)) as session:
-        deadline = time.monotonic() + duration_s
-
-        async def client(i: int) -> None:
-            k = i
-            while time.monotonic() < deadline:
-                t0 = time.monotonic()
-                try:
-                    async with session.post(f"{url}/v1/classify",
-                                            json={"text": texts[k % len(texts)]}) as r:
-                        await r.read()
-                        status, retry = r.status, r.headers.get("Retry-After")
-                except aiohttp.ClientError as exc:
-                    status, retry = repr(exc), None
-                answers.append((status, time.monotonic() - t0, retry))
-                k += clients
-                if status == 503 and retry is not None:
-                    await asyncio.sleep(float(retry) * random.uniform(0.5, 1.5))
-
-        await asyncio.gather(*(client(i) for i in range(clients)))
-    return answers
-
-
-def latencies(answers: list[tuple], status: int) -> np.ndarray:
-    return np.asarray([dt for code, dt, _ in answers if code == status])
 
 
 def test_default_server_sheds_overload_within_a_second_and_keeps_accepted_latency(
@@ -70,26 +40,28 @@ def test_default_server_sheds_overload_within_a_second_and_keeps_accepted_latenc
     finally:
         shutdown_server(cfg)
 
-    assert {code for code, _, _ in calm} == {200}, "concurrency 32 is within capacity"
+    assert {code for _, code, _, _ in calm} == {200}, "concurrency 32 is within capacity"
     p99_calm = float(np.percentile(latencies(calm, 200), 99))
-    codes = {code for code, _, _ in flood}
+    codes = {code for _, code, _, _ in flood}
     assert codes <= {200, 503}, codes
     ok, shed = latencies(flood, 200), latencies(flood, 503)
     # shed, yet still serving: how many are admitted is the server's capacity (the default
     # onnx-int8 backend admits more than it refuses; torch about as many)
     assert len(ok) > 100 and len(shed) >= 0.2 * (len(ok) + len(shed)), (len(ok), len(shed))
     # Retry-After: the base 1 s, growing with the refused-to-admitted ratio (at most 10 s)
-    retry_after = {int(retry) for code, _, retry in flood if code == 503}
+    retry_after = {int(retry) for _, code, _, retry in flood if code == 503}
     assert min(retry_after) >= 1 and max(retry_after) <= 10, retry_after
     assert shed.max() < 2.0, f"slowest 503 took {shed.max():.2f}s"
     p99_ok = float(np.percentile(ok, 99))
-    print(f"c=32 p99 {p99_calm:.3f}s; c=400: {len(ok)} x 200 (p99 {p99_ok:.3f}s), {len(shed)} x "
-          f"503 (max {shed.max():.3f}s); p99 ratio {p99_ok / p99_calm:.2f}")
+    p99_later = float(np.percentile(latencies(flood, 200, sent_after=1.0), 99))
+    print(f"c=32 p99 {p99_calm:.3f}s; c=400: {len(ok)} x 200 (p99 {p99_ok:.3f}s; sent after "
+          f"the first second {p99_later:.3f}s), {len(shed)} x 503 (max {shed.max():.3f}s); "
+          f"p99 ratio {p99_ok / p99_calm:.2f}")
     # Goal (issue 21): p99_ok <= 2 x p99_calm. Not met on 2 cores, where the 400 clients, the
     # refusals and the forward passes share the CPUs: CI measured 2.37 s against 0.38 s
     # (6.2x). This bound guards what holds: accepted requests wait seconds, not the 13-17 s
     # of an unbounded queue.
     assert p99_ok <= 10.0 * p99_calm, (p99_ok, p99_calm)
     # recovered as soon as the load dropped: a lone client is answered at once
-    assert {code for code, _, _ in after} == {200}
+    assert {code for _, code, _, _ in after} == {200}
     assert float(np.percentile(latencies(after, 200), 99)) < 0.5

@@ -1,0 +1,151 @@
+"""Overload: the default server at concurrency 32, then flooded by 400 clients, per config.
+
+    python benchmarks/overload.py [--checkpoint DIR | --model offline:minilm] [--rounds 2] \
+        [--variant "serve.KEY=VALUE ..." ...]
+
+The scenario of `tests/ray/test_serve_overload.py`, on a local Ray instance of 4 logical
+CPUs (the suite's): `distilray serve`'s default config (only port and app name set) plus a
+variant's overrides; 32 closed-loop clients for 8 s (warm-up) and 10 s (calm), then 400 for
+15 s that honour `Retry-After` with ±50% jitter, then one client. Variants run interleaved,
+round after round; the default config (no overrides) is the baseline of every invocation.
+
+Per run it prints the calm p99 and the flood's accepted (200) p50 / p99 and their ratio to
+the calm p99 (goal, issue 21: accepted p99 ≤ 2× calm p99), the 503s, and where the slowest
+accepted answers were sent: the accepted p99 over answers sent after the flood's first
+second, and how many of the answers at or above the whole flood's p99 were sent within it
+(the arrival of 400 clients at once), plus the Classifier replicas when the flood began and
+ended (an autoscaler adding one mid-flood takes CPU from the running one while it loads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from serve_throughput import free_port, load_texts, make_checkpoint  # noqa: E402
+
+Answer = tuple[float, int | str, float, str | None]
+"""(sent, seconds after the level began; HTTP status or the client error; latency s; Retry-After)"""
+
+
+async def closed_loop(url: str, texts: list[str], clients: int, duration_s: float) -> list[Answer]:
+    """`clients` closed-loop clients for `duration_s`; after a 503 each waits its `Retry-After`
+    with ±50% jitter, as client retry policies do, so refused callers do not return in step."""
+    import aiohttp
+
+    answers: list[Answer] = []
+    connector = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(connector=connector,
+                                     timeout=aiohttp.ClientTimeout(total=60)) as session:
+        start = time.monotonic()
+        deadline = start + duration_s
+
+        async def client(i: int) -> None:
+            k = i
+            while time.monotonic() < deadline:
+                t0 = time.monotonic()
+                try:
+                    async with session.post(f"{url}/v1/classify",
+                                            json={"text": texts[k % len(texts)]}) as r:
+                        await r.read()
+                        status, retry = r.status, r.headers.get("Retry-After")
+                except aiohttp.ClientError as exc:
+                    status, retry = repr(exc), None
+                answers.append((t0 - start, status, time.monotonic() - t0, retry))
+                k += clients
+                if status == 503 and retry is not None:
+                    await asyncio.sleep(float(retry) * random.uniform(0.5, 1.5))
+
+        await asyncio.gather(*(client(i) for i in range(clients)))
+    return answers
+
+
+def latencies(answers: list[Answer], status: int, sent_after: float = 0.0) -> np.ndarray:
+    return np.asarray([dt for sent, code, dt, _ in answers if code == status and sent >= sent_after])
+
+
+def classifier_replicas(app_name: str) -> int:
+    from ray import serve
+
+    deployments = serve.status().applications[app_name].deployments
+    return deployments["Classifier"].replica_states.get("RUNNING", 0)
+
+
+def run_once(ckpt: Path, texts: list[str], overrides: list[str]) -> dict:
+    from distilray.config import load_config
+    from distilray.serve.lifecycle import shutdown_server, start_server
+
+    app = "overload"
+    cfg = load_config(None, [f"serve.port={free_port()}", f"serve.app_name={app}",
+                             f"serve.route_prefix=/{app}", *overrides])
+    url = start_server(cfg, str(ckpt))
+    try:
+        asyncio.run(closed_loop(url, texts, 32, 8))  # warm-up
+        calm = asyncio.run(closed_loop(url, texts, 32, 10))
+        replicas_before = classifier_replicas(app)
+        flood = asyncio.run(closed_loop(url, texts, 400, 15))
+        replicas_after = classifier_replicas(app)
+        after = asyncio.run(closed_loop(url, texts, 1, 3))
+    finally:
+        shutdown_server(cfg)
+    p99_calm = float(np.percentile(latencies(calm, 200), 99))
+    ok, shed = latencies(flood, 200), latencies(flood, 503)
+    p99_ok = float(np.percentile(ok, 99))
+    slowest_sent = [sent for sent, code, dt, _ in flood if code == 200 and dt >= p99_ok]
+    return {
+        "calm_rps": len(latencies(calm, 200)) / 10, "calm_p99": p99_calm,
+        "ok": len(ok), "ok_rps": len(ok) / 15, "ok_p50": float(np.median(ok)), "ok_p99": p99_ok,
+        "ratio": p99_ok / p99_calm,
+        "ok_p99_after_1s": float(np.percentile(latencies(flood, 200, sent_after=1.0), 99)),
+        "slowest_in_1st_s": sum(s < 1.0 for s in slowest_sent), "slowest": len(slowest_sent),
+        "shed": len(shed), "shed_max": float(shed.max()) if len(shed) else 0.0,
+        "other": sorted({str(code) for _, code, _, _ in flood} - {"200", "503"}),
+        "after_p99": float(np.percentile(latencies(after, 200), 99)),
+        "replicas": f"{replicas_before}->{replicas_after}",
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="offline:minilm")
+    parser.add_argument("--checkpoint", help="serve this checkpoint instead of --model's")
+    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"))
+    parser.add_argument("--variant", action="append", default=[],
+                        help="space-separated serve.KEY=VALUE overrides, run beside the defaults")
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+
+    from distilray.runtime import init_local_ray, use_serve_high_throughput
+
+    texts = load_texts(Path(args.data))
+    ckpt = Path(args.checkpoint) if args.checkpoint else make_checkpoint(
+        args.model, Path(tempfile.mkdtemp(prefix="overload-bench-")))
+    use_serve_high_throughput()
+    init_local_ray(num_cpus=4, log_to_driver=False)
+    variants = [[]] + [v.split() for v in args.variant]
+    print(f"checkpoint {ckpt}, {len(texts)} texts, variants {variants}, {args.rounds} rounds")
+    print("| variant | round | calm req/s | calm p99 ms | 200/s | 200 p50 ms | 200 p99 ms "
+          "| p99 / calm p99 | 200 p99 after 1st s ms | slowest sent in 1st s | 503 | slowest 503 ms "
+          "| other | Classifier replicas |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |")
+    for r in range(args.rounds):
+        for overrides in variants:
+            m = run_once(ckpt, texts, overrides)
+            print(f"| {' '.join(overrides) or 'defaults'} | {r + 1} | {m['calm_rps']:.0f} "
+                  f"| {m['calm_p99'] * 1e3:.0f} | {m['ok_rps']:.0f} | {m['ok_p50'] * 1e3:.0f} "
+                  f"| {m['ok_p99'] * 1e3:.0f} | {m['ratio']:.2f}× | {m['ok_p99_after_1s'] * 1e3:.0f} "
+                  f"| {m['slowest_in_1st_s']} of {m['slowest']} | {m['shed']} | {m['shed_max'] * 1e3:.0f} "
+                  f"| {','.join(m['other']) or '-'} | {m['replicas']} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
