@@ -553,7 +553,9 @@ def test_batcher_refuses_at_once_what_would_wait_over_the_time_budget():
     # passes of two: t0-t5 start within 2 passes (0.2 s); t6-t11 would wait longer
     assert len(answered) == 6 and len(refusals) == 6 == refused, results
     assert all(not r.expired and r.wait_s > r.budget_s for r in refusals)
-    assert "over the queue's 0.20s budget" in str(refusals[0])
+    budget = refusals[0].budget_s  # 2 passes as measured: 0.20 s, a little more on a busy host
+    assert 0.19 <= budget < 0.3, budget
+    assert f"over the queue's {budget:.2f}s budget" in str(refusals[0])
     assert took < 0.5  # three passes: nobody waited for the refused
 
 
