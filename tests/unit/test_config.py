@@ -59,6 +59,7 @@ def test_apply_overrides_validates():
     (["model.num_labels=3"], r"model.label_names has 2 names but model.num_labels=3"),
     (["serve.max_ongoing_requests=4"], r"serve.max_ongoing_requests=4 must exceed serve.target_ongoing_requests=8.0"),
     (["serve.max_batch_size=8"], r"serve.target_ongoing_requests=8.0 must be below serve.max_batch_size=8 with serve.coalesce"),
+    (["serve.calls_per_replica=3"], r"serve.calls_per_replica=3 is out of range \(allowed: >= 1 and <= 2\)"),
     (["train=3"], r"train must be a mapping of TrainConfig keys"),
     (["lr"], r"override 'lr' must look like section.key=value"),
 ])
