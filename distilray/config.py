@@ -258,7 +258,7 @@ class ServeConfig:
     travels back and the next call comes; 2: the next call waits in the replica's queue and
     joins its next forward pass — more texts/s for long texts on CPU (IMDb reviews: 79% vs
     66% of the in-process ceiling), but a call then takes up to two passes, so under
-    overload admitted requests wait up to two passes (accepted p99 ~10x instead of ~5.6x the
+    overload admitted requests wait up to two passes (accepted p99 10-11x instead of 5-6.5x the
     concurrency-32 p99 on 2 cores; benchmarks/RESULTS.md)."""
     http_fast_path: bool = True
     """`POST /v1/classify` bodies that validate skip FastAPI's routing, dependency and
