@@ -30,6 +30,20 @@ SERVE_HIGH_THROUGHPUT_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUG
 LOCAL_SERVE_DRAIN_ENV = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
 
 
+# Ray Train's controller polls its workers every 2 s (Ray's default), so it notices a finished
+# run up to 2 s late, and every run of a search or a pipeline waits that out. At 0.5 s a
+# 5-step `tiny` run took 14.2 s instead of 16.1 s. A poll counts as missed only after
+# RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S (10 minutes), so a busy worker is not failed sooner.
+TRAIN_POLL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+
+
+def use_fast_train_polling() -> None:
+    """Before a TorchTrainer starts: Ray Train hands these from the driver's environment to its
+    controller. A value the user set (e.g. on a `ray job submit`) is kept."""
+    for key, value in TRAIN_POLL_ENV.items():
+        os.environ.setdefault(key, value)
+
+
 def with_serve_high_throughput(environ: Mapping[str, str]) -> dict[str, str]:
     """`environ` plus Serve's high-throughput mode for a local Ray instance, unless `environ`
     sets those variables itself (`RAY_SERVE_ENABLE_HA_PROXY=0 RAY_SERVE_THROUGHPUT_OPTIMIZED=0`

@@ -38,7 +38,7 @@ from distilray.files import (
     write_text_atomic,
 )
 from distilray.model import load_tokenizer, resolve_model
-from distilray.runtime import DATA_CPUS, connect_ray
+from distilray.runtime import DATA_CPUS, connect_ray, use_fast_train_polling
 from distilray.train.batches import OrderedShards
 from distilray.train.loop import forget_storage_fault, train_loop_per_worker
 from distilray.train.objective import Objective
@@ -188,6 +188,7 @@ def fit(run: PreparedRun, objective: Objective, callbacks: list | None = None,
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         write_text_atomic(Path(run_dir) / RUN_CONFIG_FILE, dump_config(cfg))
     tracker = tracking.start_train_run(cfg, run_dir, run.splits.source, parent_run)
+    use_fast_train_polling()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config_to_dict(cfg), "plan": run.plan.to_dict(),

@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import free_port
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.quiet]
 
 
 def test_quickstart_runs_the_whole_flow_within_five_minutes(tmp_path):

@@ -34,6 +34,7 @@ from distilray.cluster import (
     with_serve_high_throughput,
 )
 from distilray.errors import ClusterError, ConfigError
+from distilray.runtime import use_fast_train_polling
 from tests.conftest import REPO
 
 JOB_SPECS = sorted((REPO / "cluster" / "jobs").glob("*.yaml"))
@@ -104,6 +105,18 @@ def test_nodes_get_serve_high_throughput_mode_unless_the_user_set_it():
     opted_out = with_serve_high_throughput({"RAY_SERVE_ENABLE_HA_PROXY": "0"})
     assert opted_out["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
     assert opted_out["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+
+
+def test_train_runs_poll_their_workers_every_half_second_unless_the_user_set_it(monkeypatch):
+    from ray.train.v2._internal.constants import get_env_vars_to_propagate
+
+    monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", raising=False)
+    use_fast_train_polling()
+    # Ray Train hands the driver's value to its controller (the one that polls)
+    assert get_env_vars_to_propagate()["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.5"
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "3")
+    use_fast_train_polling()
+    assert get_env_vars_to_propagate()["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "3"
 
 
 def test_auth_follows_rays_defaults_for_a_new_local_cluster(tmp_path):
