@@ -24,7 +24,8 @@ from distilray.config import load_config
 from distilray.errors import ClusterError
 from distilray.metrics import REPORTED_METRICS
 from distilray.train.run import read_metrics
-from distilray.tune.search import run_placement_groups, run_tune
+from distilray.tune.experiment import EVENTS_FILE
+from distilray.tune.search import FREE_AFTER_S, run_placement_groups, run_tune
 from distilray.tune.summary import load_experiment_summary
 
 pytestmark = pytest.mark.ray
@@ -60,9 +61,14 @@ def test_search_with_bad_values_picks_a_sensible_config_and_asha_stops_weak_tria
     assert (cfg.tune.scheduler, cfg.train.epochs, cfg.tune.grace_period) == ("asha", 2, 1)
     caplog.set_level(logging.INFO, logger="distilray.tune.search")
     summary = run_tune(cfg)
+    ended = time.time()
     exp_dir = tmp_path / "acc"
     exp = load_experiment_summary(exp_dir)
     assert len(exp.trials) == 6 and summary["errors"] == 0
+    # the search ends once the stopped runs' placement groups are gone, not FREE_AFTER_S
+    # (10 s) after its last trial: what is left is best/ and the report (~2 s)
+    last_event = max(json.loads(line)["time"] for line in (exp_dir / EVENTS_FILE).read_text().splitlines())
+    assert ended - last_event < FREE_AFTER_S - 2, ended - last_event
 
     # 1. the best trial is a sensible one, and clearly better than the worst
     best = json.loads((exp_dir / "best.json").read_text())
