@@ -141,9 +141,12 @@ def test_killed_driver_resumes_and_keeps_finished_trials(ray_4_cpus, sst2_dir, t
     (tmp_path / "search.yaml").write_text(cfg_text)
     env = {**os.environ, "RAY_ADDRESS": ray_4_cpus.get_runtime_context().gcs_address}
     exp_dir = tmp_path / "resume"
+    # Tune copies a trial's result.json (the kill point below) to the storage path when it
+    # saves the experiment's state: at least 10 s apart by default, about as long as the
+    # second trial takes after its first report. Every second gives the kill point time.
     driver = subprocess.Popen([sys.executable, "-m", "distilray", "tune", "--config", str(tmp_path / "search.yaml")],
-                              env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+                              env={**env, "TUNE_GLOBAL_CHECKPOINT_S": "1"}, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 420
     try:
         while time.time() < deadline:
@@ -157,7 +160,7 @@ def test_killed_driver_resumes_and_keeps_finished_trials(ray_4_cpus, sst2_dir, t
             if reported:
                 break
             assert driver.poll() is None, "driver exited before it could be killed"
-            time.sleep(0.5)
+            time.sleep(0.2)
         else:
             pytest.fail("the search never reached the kill point")
     finally:
