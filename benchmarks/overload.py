@@ -1,12 +1,14 @@
 """Overload: the default server at concurrency 32, then flooded by 400 clients, per config.
 
     python benchmarks/overload.py [--checkpoint DIR | --model offline:minilm] [--rounds 2] \
-        [--variant "serve.KEY=VALUE ..." ...]
+        [--settle] [--variant "serve.KEY=VALUE ..." ...]
 
 The scenario of `tests/ray/test_serve_overload.py`, on a local Ray instance of 4 logical
 CPUs (the suite's): `distilray serve`'s default config (only port and app name set) plus a
-variant's overrides; 32 closed-loop clients for 8 s (warm-up) and 10 s (calm), then 400 for
-15 s that honour `Retry-After` with ±50% jitter, then one client. Variants run interleaved,
+variant's overrides; 32 closed-loop clients for 8 s (warm-up; with `--settle`, until the
+autoscaler has settled: at least its upscale delay + 3 s, then until the Classifier's replica
+count holds) and 10 s (calm), then 400 for 15 s that honour `Retry-After` with ±50% jitter,
+then one client. Variants run interleaved,
 round after round; the default config (no overrides) is the baseline of every invocation.
 
 Per run it prints the calm p99 and the flood's accepted (200) p50 / p99 and their ratio to
@@ -80,7 +82,32 @@ def classifier_replicas(app_name: str) -> int:
     return deployments["Classifier"].replica_states.get("RUNNING", 0)
 
 
-def run_once(ckpt: Path, texts: list[str], overrides: list[str]) -> dict:
+def classifier_settled(app_name: str) -> tuple[bool, int]:
+    """Whether the Classifier is neither scaling nor starting a replica, and how many run."""
+    from ray import serve
+
+    d = serve.status().applications[app_name].deployments["Classifier"]
+    running = d.replica_states.get("RUNNING", 0)
+    busy = sum(n for state, n in d.replica_states.items() if state != "RUNNING")
+    return str(d.status).endswith("HEALTHY") and busy == 0, running
+
+
+def warm_up(url: str, texts: list[str], app_name: str, min_s: float, max_s: float = 60.0) -> float:
+    """Concurrency 32 until the autoscaler has settled: at least `min_s` (its upscale delay and
+    a margin), then until the Classifier is neither scaling nor starting a replica and its count
+    held for one more chunk. Returns the seconds it took."""
+    start = time.monotonic()
+    last = -1
+    while True:
+        asyncio.run(closed_loop(url, texts, 32, 3))
+        elapsed = time.monotonic() - start
+        settled, running = classifier_settled(app_name)
+        if elapsed >= max_s or (elapsed >= min_s and settled and running == last):
+            return elapsed
+        last = running if settled else -1
+
+
+def run_once(ckpt: Path, texts: list[str], overrides: list[str], settle: bool = False) -> dict:
     from distilray.config import load_config
     from distilray.serve.lifecycle import shutdown_server, start_server
 
@@ -89,7 +116,10 @@ def run_once(ckpt: Path, texts: list[str], overrides: list[str]) -> dict:
                              f"serve.route_prefix=/{app}", *overrides])
     url = start_server(cfg, str(ckpt))
     try:
-        asyncio.run(closed_loop(url, texts, 32, 8))  # warm-up
+        if settle:
+            warm_up(url, texts, app, cfg.serve.upscale_delay_s + 3)
+        else:
+            asyncio.run(closed_loop(url, texts, 32, 8))  # warm-up
         calm = asyncio.run(closed_loop(url, texts, 32, 10))
         replicas_before = classifier_replicas(app)
         flood = asyncio.run(closed_loop(url, texts, 400, 15))
@@ -103,6 +133,7 @@ def run_once(ckpt: Path, texts: list[str], overrides: list[str]) -> dict:
     slowest_sent = [sent for sent, code, dt, _ in flood if code == 200 and dt >= p99_ok]
     return {
         "calm_rps": len(latencies(calm, 200)) / 10, "calm_p99": p99_calm,
+        "calm_refused": sum(code != 200 for _, code, _, _ in calm),
         "ok": len(ok), "ok_rps": len(ok) / 15, "ok_p50": float(np.median(ok)), "ok_p99": p99_ok,
         "ratio": p99_ok / p99_calm,
         "ok_p99_after_1s": float(np.percentile(latencies(flood, 200, sent_after=1.0), 99)),
@@ -122,6 +153,8 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=[],
                         help="space-separated serve.KEY=VALUE overrides, run beside the defaults")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--settle", action="store_true",
+                        help="warm up until the autoscaler has settled (else 8 s)")
     args = parser.parse_args()
 
     from distilray.runtime import init_local_ray, use_serve_high_throughput
@@ -133,15 +166,15 @@ def main() -> None:
     init_local_ray(num_cpus=4, log_to_driver=False)
     variants = [[]] + [v.split() for v in args.variant]
     print(f"checkpoint {ckpt}, {len(texts)} texts, variants {variants}, {args.rounds} rounds")
-    print("| variant | round | calm req/s | calm p99 ms | 200/s | 200 p50 ms | 200 p99 ms "
+    print("| variant | round | calm req/s | calm p99 ms | calm not 200 | 200/s | 200 p50 ms | 200 p99 ms "
           "| p99 / calm p99 | 200 p99 after 1st s ms | slowest sent in 1st s | 503 | slowest 503 ms "
           "| other | Classifier replicas |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |")
     for r in range(args.rounds):
         for overrides in variants:
-            m = run_once(ckpt, texts, overrides)
+            m = run_once(ckpt, texts, overrides, args.settle)
             print(f"| {' '.join(overrides) or 'defaults'} | {r + 1} | {m['calm_rps']:.0f} "
-                  f"| {m['calm_p99'] * 1e3:.0f} | {m['ok_rps']:.0f} | {m['ok_p50'] * 1e3:.0f} "
+                  f"| {m['calm_p99'] * 1e3:.0f} | {m['calm_refused']} | {m['ok_rps']:.0f} | {m['ok_p50'] * 1e3:.0f} "
                   f"| {m['ok_p99'] * 1e3:.0f} | {m['ratio']:.2f}× | {m['ok_p99_after_1s'] * 1e3:.0f} "
                   f"| {m['slowest_in_1st_s']} of {m['slowest']} | {m['shed']} | {m['shed_max'] * 1e3:.0f} "
                   f"| {','.join(m['other']) or '-'} | {m['replicas']} |", flush=True)

@@ -228,6 +228,13 @@ class ServeConfig:
     """Tighter time bound under load: admit a request only if it would start within this many
     (measured) forward passes, so accepted requests keep about the latency of a fully, not
     over-, loaded server."""
+    max_batches_ahead: float | None = _opt(1.0, gt=0.0)
+    """Bound the queue by texts too: admit a request only while the texts ahead of it (waiting,
+    and in the forward passes or Classifier calls running) are fewer than this many full
+    batches (`max_batch_size`) per replica. At concurrency `max_batch_size` nothing is refused;
+    under a flood the passes keep that size, and so accepted requests keep about its latency
+    (without it: passes twice the size and 3-6x the latency on 2 cores; benchmarks/RESULTS.md,
+    "Overload"). None: the time bounds only."""
     metrics_interval_s: float = _opt(10.0, gt=0.0)
     """How often replicas report load to the autoscaler."""
     look_back_period_s: float = _opt(30.0, gt=0.0)

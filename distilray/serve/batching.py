@@ -67,13 +67,21 @@ class TextQueue:
     measured time of a pass) is refused at once, and one still queued after `max_wait_s` is
     refused then. Accepted requests so wait at most about `wait_passes` passes, as at full
     but not excess load, and the refused learn it within `max_wait_s`.
+
+    With `batches_ahead` it is bounded by texts as well: a request is refused while the texts
+    ahead of it, queued and in the passes running, fill `batches_ahead` full batches per model
+    replica (two calls in flight per replica still share one replica's passes).
+    The time bound alone lets a flood keep a full pass running and a full one queued, so each
+    pass is twice the size it has at concurrency `max_batch_size` and an admitted request
+    waits for one such pass and rides the next; this keeps the passes at their full-load
+    size, and so the latency.
     """
 
     Batch = list[tuple[list[str], asyncio.Future]]
 
     def __init__(self, max_batch_size: int, max_wait_s: float | None = None,
                  wait_passes: float = 1.0, clock: Callable[[], float] = time.monotonic,
-                 retry_after_s: float = 1.0):
+                 retry_after_s: float = 1.0, batches_ahead: float | None = None):
         self.max_batch_size = max_batch_size
         self.max_wait_s, self.wait_passes, self.clock = max_wait_s, wait_passes, clock
         self.admission = AdmissionRate(retry_after_s, clock=clock)
@@ -81,10 +89,16 @@ class TextQueue:
         self.queued_texts = 0
         self.pass_s: float | None = None  # moving average of a pass (or call) once one ran
         self.started: list[float] = []  # start times of the passes (calls) now running
+        self.started_texts: list[int] = []  # ... and their texts
+        self.batches_ahead = batches_ahead
         self.refused = 0
 
     def _lanes(self) -> int:
         """Passes (calls) that run side by side."""
+        return 1
+
+    def _replicas(self) -> int:
+        """Model replicas the lanes feed (each runs one pass at a time)."""
         return 1
 
     def _busy(self) -> list[float]:
@@ -100,6 +114,11 @@ class TextQueue:
             0.0, min(self.pass_s - (now - t) for t in busy))
         return first_free + (texts_ahead // self.max_batch_size) * self.pass_s / lanes
 
+    def _running_texts(self) -> int:
+        """Texts in the passes (calls) that hold a lane now."""
+        busy = len(self._busy())
+        return sum(self.started_texts[len(self.started) - busy:]) if busy else 0
+
     def budget_s(self) -> float | None:
         if self.max_wait_s is None:
             return None
@@ -113,6 +132,12 @@ class TextQueue:
             wait = self.predicted_wait_s(self.queued_texts)
             if wait > budget:
                 raise self._refusal(wait, budget, expired=False)
+            if self.batches_ahead is not None and self.pass_s is not None:
+                ahead = self.queued_texts + self._running_texts()
+                per_pass = self.max_batch_size * self._replicas()
+                if ahead >= self.batches_ahead * per_pass:
+                    raise self._refusal((ahead + 1) / per_pass * self.pass_s,
+                                        self.batches_ahead * self.pass_s, expired=False)
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         timer = None
@@ -153,13 +178,15 @@ class TextQueue:
             size += len(texts)
         return batch
 
-    def _pass_started(self) -> float:
+    def _pass_started(self, texts: int = 0) -> float:
         t = self.clock()
         self.started.append(t)
+        self.started_texts.append(texts)
         return t
 
     def _pass_ended(self, started: float, ok: bool = True) -> None:
-        self.started.remove(started)
+        i = self.started.index(started)
+        del self.started[i], self.started_texts[i]
         if not ok:  # a failed call says nothing about how long a pass takes
             return
         took = self.clock() - started
@@ -193,8 +220,9 @@ class TextBatcher(TextQueue):
                  wait_s: float = 0.0, on_batch: Callable[[int], None] | None = None,
                  executor: concurrent.futures.Executor | None = None,
                  max_wait_s: float | None = None, wait_passes: float = 1.0,
-                 retry_after_s: float = 1.0):
-        super().__init__(max_batch_size, max_wait_s, wait_passes, retry_after_s=retry_after_s)
+                 retry_after_s: float = 1.0, batches_ahead: float | None = None):
+        super().__init__(max_batch_size, max_wait_s, wait_passes, retry_after_s=retry_after_s,
+                         batches_ahead=batches_ahead)
         self.run, self.wait_s = run, wait_s
         self.on_batch = on_batch
         self.executor = executor
@@ -227,7 +255,7 @@ class TextBatcher(TextQueue):
             if self.on_batch is not None:
                 self.on_batch(len(flat))
             self.forwarding = len(flat)
-            started = self._pass_started()
+            started = self._pass_started(len(flat))
             try:
                 # off the event loop, so it keeps accepting and queueing requests
                 preds = await asyncio.get_running_loop().run_in_executor(
@@ -270,8 +298,9 @@ class CallCoalescer(TextQueue):
                  window_s: float = 10.0, clock: Callable[[], float] = time.monotonic,
                  on_queue: Callable[[int], None] | None = None,
                  max_wait_s: float | None = None, wait_passes: float = 1.0,
-                 retry_after_s: float = 1.0, calls_per_source: int = 1):
-        super().__init__(max_batch_size, max_wait_s, wait_passes, clock, retry_after_s)
+                 retry_after_s: float = 1.0, calls_per_source: int = 1,
+                 batches_ahead: float | None = None):
+        super().__init__(max_batch_size, max_wait_s, wait_passes, clock, retry_after_s, batches_ahead)
         self.call, self.window_s = call, window_s
         self.calls_per_source = calls_per_source
         self.on_queue = on_queue
@@ -286,6 +315,9 @@ class CallCoalescer(TextQueue):
 
     def _lanes(self) -> int:
         return self.slots
+
+    def _replicas(self) -> int:
+        return self.slots // self.calls_per_source
 
     def _stall_s(self) -> float | None:
         return None if self.pass_s is None else max(self.STALL_MIN_S, self.STALL_PASSES * self.pass_s)
@@ -311,7 +343,7 @@ class CallCoalescer(TextQueue):
                 break
             self.in_flight += 1
             loop = asyncio.get_running_loop()
-            loop.create_task(self._run(batch, self._pass_started()))
+            loop.create_task(self._run(batch, self._pass_started(sum(len(t) for t, _ in batch))))
             stall = self._stall_s()
             if stall is not None:  # look again once this call would count as stalled
                 loop.call_later(stall + 0.01, self._dispatch)

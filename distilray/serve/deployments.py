@@ -80,7 +80,7 @@ class Classifier:
         self._batcher = TextBatcher(self._forward, s.max_batch_size, s.batch_wait_timeout_s,
                                     on_batch=self._batch_formed, executor=self._torch_thread,
                                     max_wait_s=s.max_queue_wait_s, wait_passes=s.queue_wait_passes,
-                                    retry_after_s=s.retry_after_s)
+                                    retry_after_s=s.retry_after_s, batches_ahead=s.max_batches_ahead)
         self._failures = 0
         self._replica_id = serve.get_replica_context().replica_id.unique_id
         t0 = time.perf_counter()
@@ -162,7 +162,8 @@ class Ingress:
             self._coalescer = CallCoalescer(
                 lambda texts: self._call_classifier(merged, texts), s.max_batch_size,
                 on_queue=queue.set, max_wait_s=s.max_queue_wait_s, wait_passes=s.queue_wait_passes,
-                retry_after_s=s.retry_after_s, calls_per_source=s.calls_per_replica)
+                retry_after_s=s.retry_after_s, calls_per_source=s.calls_per_replica,
+                batches_ahead=s.max_batches_ahead)
         elif classifier is not None:
             self._classify = classifier.classify
         if s.http_fast_path and self.fast_path_key is not None:

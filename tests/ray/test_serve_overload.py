@@ -57,11 +57,11 @@ def test_default_server_sheds_overload_within_a_second_and_keeps_accepted_latenc
     print(f"c=32 p99 {p99_calm:.3f}s; c=400: {len(ok)} x 200 (p99 {p99_ok:.3f}s; sent after "
           f"the first second {p99_later:.3f}s), {len(shed)} x 503 (max {shed.max():.3f}s); "
           f"p99 ratio {p99_ok / p99_calm:.2f}")
-    # Goal (issue 21): p99_ok <= 2 x p99_calm. Not met on 2 cores, where the 400 clients, the
-    # refusals and the forward passes share the CPUs: CI measured 2.37 s against 0.38 s
-    # (6.2x). This bound guards what holds: accepted requests wait seconds, not the 13-17 s
-    # of an unbounded queue.
-    assert p99_ok <= 10.0 * p99_calm, (p99_ok, p99_calm)
+    # Goal (issue 21): p99_ok <= 2 x p99_calm. On 2 cores, where the 400 clients, the
+    # refusals and the forward passes share the CPUs, this test measured 2.79x (and
+    # benchmarks/overload.py 1.97-2.36x); the time bound alone gave 3.5-6.5x here and 6.2x
+    # on CI. The slowest 1% are requests the Ingress reached late in the flood's first second.
+    assert p99_ok <= 5.0 * p99_calm, (p99_ok, p99_calm)
     # recovered as soon as the load dropped: a lone client is answered at once
     assert {code for _, code, _, _ in after} == {200}
     assert float(np.percentile(latencies(after, 200), 99)) < 0.5

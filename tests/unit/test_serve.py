@@ -559,6 +559,53 @@ def test_batcher_refuses_at_once_what_would_wait_over_the_time_budget():
     assert took < 0.5  # three passes: nobody waited for the refused
 
 
+def test_queue_bounded_by_texts_keeps_a_flood_to_full_load_sized_passes():
+    import asyncio
+    import time
+
+    from distilray.serve.batching import CallCoalescer, QueueFull, TextBatcher
+
+    sizes: list[int] = []
+
+    def run(texts):
+        sizes.append(len(texts))
+        time.sleep(0.1)
+        return texts
+
+    async def call(texts):
+        sizes.append(len(texts))
+        await asyncio.sleep(0.1)
+        return "replica-1", texts
+
+    async def flood(queue):
+        await queue.submit(["warm"])  # measures a pass
+        full = asyncio.create_task(queue.submit(["a", "b", "c", "d"]))  # a full pass runs
+        await asyncio.sleep(0.02)
+        answers = await asyncio.gather(*(queue.submit([f"t{i}"]) for i in range(8)),
+                                       return_exceptions=True)
+        await full
+        return answers
+
+    for make in (lambda ahead: TextBatcher(run, 4, max_wait_s=1.0, batches_ahead=ahead),
+                 lambda ahead: CallCoalescer(call, 4, max_wait_s=1.0, batches_ahead=ahead)):
+        # the time bound alone: a request may wait one pass, so a full pass queues behind the
+        # running one (a pass of 4 where the full-load pass, concurrency 4, has 1 to 3)
+        sizes.clear()
+        answers = asyncio.run(flood(make(None)))
+        assert [a for a in answers if not isinstance(a, BaseException)] == [[f"t{i}"] for i in range(4)]
+        assert sizes == [1, 4, 4], sizes
+        # bounded by texts: 4 running fill the one batch allowed ahead; the first request
+        # behind them goes (nothing waits yet), the rest are refused at once, naming the wait
+        sizes.clear()
+        answers = asyncio.run(flood(make(1.0)))
+        assert answers[0] == ["t0"], answers
+        refused = answers[1:]
+        assert all(isinstance(r, QueueFull) and not r.expired and r.wait_s > r.budget_s
+                   for r in refused), refused
+        assert 0.09 <= refused[0].budget_s < 0.2, refused[0].budget_s  # one pass as measured
+        assert sizes == [1, 4, 1], sizes
+
+
 def test_queued_requests_past_max_wait_are_refused_then_the_queue_recovers():
     import asyncio
     import pickle
