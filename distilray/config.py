@@ -231,10 +231,12 @@ class ServeConfig:
     max_batches_ahead: float | None = _opt(1.0, gt=0.0)
     """Bound the queue by texts too: admit a request only while the texts ahead of it (waiting,
     and in the forward passes or Classifier calls running) are fewer than this many full
-    batches (`max_batch_size`) per replica. At concurrency `max_batch_size` nothing is refused;
-    under a flood the passes keep that size, and so accepted requests keep about its latency
-    (without it: passes twice the size and 3-6x the latency on 2 cores; benchmarks/RESULTS.md,
-    "Overload"). None: the time bounds only."""
+    batches (`max_batch_size`) per replica. At concurrency `max_batch_size` per replica nothing
+    is refused, beyond it the excess is, while the autoscaler adds replicas; under a flood the
+    passes keep their full-load size, and so accepted requests keep about its latency (the
+    time bounds alone: passes twice the size, 4.9-5.6x the concurrency-32 p99 against 2.0-2.4x
+    on 2 cores; benchmarks/RESULTS.md, "Overload"). 2: queue a second batch per replica, at up
+    to twice the latency. None: the time bounds only."""
     metrics_interval_s: float = _opt(10.0, gt=0.0)
     """How often replicas report load to the autoscaler."""
     look_back_period_s: float = _opt(30.0, gt=0.0)
@@ -260,13 +262,14 @@ class ServeConfig:
     batch, not per request); the Classifier then autoscales on the texts waiting for or in its
     forward passes (`target_ongoing_requests` counts texts). `false`: one Classifier call per
     request."""
-    calls_per_replica: int = _opt(1, ge=1, le=2)
-    """Coalesced Classifier calls in flight per replica. 1: a replica idles while its answer
-    travels back and the next call comes; 2: the next call waits in the replica's queue and
-    joins its next forward pass — more texts/s for long texts on CPU (IMDb reviews: 79% vs
-    66% of the in-process ceiling), but a call then takes up to two passes, so under
-    overload admitted requests wait up to two passes (accepted p99 10-11x instead of 5-6.5x the
-    concurrency-32 p99 on 2 cores; benchmarks/RESULTS.md)."""
+    calls_per_replica: int = _opt(2, ge=1, le=2)
+    """Coalesced Classifier calls in flight per replica. 2: the next call already waits in the
+    replica's queue when a forward pass ends and joins the next one; 1: a replica idles while
+    its answer travels back and the next call comes. On 2 CPU cores, the defaults otherwise
+    equal: IMDb reviews 82% of the in-process ceiling with 2 against 61% with 1, SST-2
+    sentences 58% against 61%; under overload both keep accepted requests near the
+    concurrency-32 latency (serve.max_batches_ahead counts a replica's texts whichever call
+    they are in; benchmarks/RESULTS.md)."""
     http_fast_path: bool = True
     """`POST /v1/classify` bodies that validate skip FastAPI's routing, dependency and
     exception layers (same answer, less CPU per request); anything else — bad JSON, invalid

@@ -37,6 +37,7 @@ TIGHT_BODY_BYTES = 200_000
 TEXTS = ["a charming and often affecting journey .", "bad", "unflinchingly bleak and desperate",
          "the plot was not boring at all , but the ending was utterly forgettable and the cast "
          "seemed tired of the whole thing by the second act .", "ok"]
+LOAD_WORKERS = 6  # closed-loop clients of TEXTS: 30 texts, within one replica's batch of 32
 
 
 
@@ -441,7 +442,9 @@ def test_overload_gets_fast_503_with_retry_after_then_recovers(served):
 def test_autoscales_up_under_load_and_back_down(served):
     url = served["main"]
     wait_until(lambda: running_replicas("main") == 1, 60, what="main at 1 replica")
-    with Load(url, workers=8, body={"texts": TEXTS}) as load:
+    # 6 x 5 = 30 texts in flight: one replica's full batch (serve.max_batch_size, 32), which
+    # serve.max_batches_ahead admits whole; the autoscaler wants 30 / 2 of them (max 2)
+    with Load(url, workers=LOAD_WORKERS, body={"texts": TEXTS}) as load:
         wait_until(lambda: running_replicas("main") >= 2, 300, what="scale-up to 2 replicas")
     codes = Counter(load.codes)
     assert set(codes) == {200}, codes
@@ -452,7 +455,7 @@ def test_killing_a_replica_under_load_loses_no_requests(served):
     import ray
 
     url = served["main"]
-    with Load(url, workers=8, body={"texts": TEXTS}) as load:
+    with Load(url, workers=LOAD_WORKERS, body={"texts": TEXTS}) as load:
         wait_until(lambda: running_replicas("main") >= 2 and len(replica_names("main")) >= 2,
                    300, what="2 replicas under load")
         victim = sorted(replica_names("main"))[0]

@@ -606,6 +606,33 @@ def test_queue_bounded_by_texts_keeps_a_flood_to_full_load_sized_passes():
         assert sizes == [1, 4, 1], sizes
 
 
+def test_texts_bound_counts_per_replica_with_two_calls_in_flight():
+    import asyncio
+
+    from distilray.serve.batching import CallCoalescer, QueueFull
+
+    async def call(texts):
+        await asyncio.sleep(0.1)
+        return "replica-1", texts
+
+    async def flood():
+        queue = CallCoalescer(call, 4, max_wait_s=1.0, batches_ahead=1.0, calls_per_source=2)
+        await queue.submit(["warm"])
+        full = asyncio.create_task(queue.submit(["a", "b", "c", "d"]))
+        await asyncio.sleep(0.02)
+        answers = await asyncio.gather(*(queue.submit([f"t{i}"]) for i in range(6)),
+                                       return_exceptions=True)
+        await full
+        return answers, queue.slots
+
+    answers, slots = asyncio.run(flood())
+    # two call slots, one replica: t0 takes the free slot, t1 waits for the next call, and
+    # then 4 running + 1 queued fill the replica's one batch (not two: one per slot)
+    assert slots == 2
+    assert answers[:2] == [["t0"], ["t1"]], answers
+    assert all(isinstance(r, QueueFull) for r in answers[2:]), answers
+
+
 def test_queued_requests_past_max_wait_are_refused_then_the_queue_recovers():
     import asyncio
     import pickle
