@@ -126,13 +126,13 @@ class TextQueue:
             return self.max_wait_s
         return min(self.max_wait_s, self.wait_passes * self.pass_s)
 
-    def _enqueue(self, texts: list[str]) -> asyncio.Future:
+    def _enqueue(self, texts: list[str], bounded: bool = True) -> asyncio.Future:
         budget = self.budget_s()
         if budget is not None and self.pending:
             wait = self.predicted_wait_s(self.queued_texts)
             if wait > budget:
                 raise self._refusal(wait, budget, expired=False)
-            if self.batches_ahead is not None and self.pass_s is not None:
+            if bounded and self.batches_ahead is not None and self.pass_s is not None:
                 ahead = self.queued_texts + self._running_texts()
                 per_pass = self.max_batch_size * self._replicas()
                 if ahead >= self.batches_ahead * per_pass:
@@ -230,12 +230,13 @@ class TextBatcher(TextQueue):
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
 
-    async def submit(self, texts: list[str]) -> list[Any]:
-        """Predictions for `texts`, computed in a shared forward pass."""
+    async def submit(self, texts: list[str], bounded: bool = True) -> list[Any]:
+        """Predictions for `texts`, computed in a shared forward pass. `bounded=False` skips
+        the bound by texts: a request's later chunks, admitted with its first."""
         if self._worker is None or self._worker.done():
             self._wakeup = asyncio.Event()
             self._worker = asyncio.get_running_loop().create_task(self._loop())
-        future = self._enqueue(texts)  # QueueFull when the queue is over its time budget
+        future = self._enqueue(texts, bounded)  # QueueFull when over its time or texts bound
         assert self._wakeup is not None
         self._wakeup.set()
         return await future
@@ -330,8 +331,8 @@ class CallCoalescer(TextQueue):
         n = max(len(live), len(self.started) - self.slots)  # ignore at most one stalled call per slot
         return self.started[len(self.started) - n:]
 
-    async def submit(self, texts: list[str]) -> list[Any]:
-        future = self._enqueue(texts)  # QueueFull when the queue is over its time budget
+    async def submit(self, texts: list[str], bounded: bool = True) -> list[Any]:
+        future = self._enqueue(texts, bounded)  # QueueFull when over its time or texts bound
         self._dispatch()
         return await future
 

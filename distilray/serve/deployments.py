@@ -89,16 +89,19 @@ class Classifier:
         log.info("Classifier replica ready: %s (%s, %s, %d threads), warm-up %.0f ms",
                  self._predictor.info["id"], device, s.backend, threads, self._warmup_ms)
 
-    async def classify(self, texts: list[str]) -> list[tuple[Prediction, tuple[str, str | None]]]:
+    async def classify(self, texts: list[str], bounded: bool = True) -> list[tuple[Prediction, tuple[str, str | None]]]:
         """Each prediction with (checkpoint id, version) of the weights that made it: while a
-        deployment moves to a new version, one response may come from either."""
+        deployment moves to a new version, one response may come from either. `bounded`:
+        apply the queue's bound by texts (not to a request's later chunks)."""
         self._queue.set(self._batcher.queued_texts + len(texts))
         served = self._served
-        return [(p, served) for p in await self._batcher.submit(texts)]
+        return [(p, served) for p in await self._batcher.submit(texts, bounded)]
 
     async def classify_merged(self, texts: list[str]) -> tuple[str, list[tuple[Prediction, tuple[str, str | None]]]]:
-        """`classify`, tagged with this replica's id (the Ingress counts live replicas)."""
-        return self._replica_id, await self.classify(texts)
+        """`classify`, tagged with this replica's id (the Ingress counts live replicas). The
+        Ingress's coalescer has bounded the texts already: its second call in flight waits
+        here for the next pass, as it should."""
+        return self._replica_id, await self.classify(texts, bounded=False)
 
     def _forward(self, texts: list[str]) -> list[Prediction]:
         try:
@@ -198,19 +201,19 @@ class Ingress:
         if self._local is not None:
             self._local.check_health()
 
-    async def _classify_chunk(self, texts: list[str]) -> list[tuple[Prediction, tuple[str, str | None]]]:
+    async def _classify_chunk(self, texts: list[str], bounded: bool = True) -> list[tuple[Prediction, tuple[str, str | None]]]:
         if self._local is not None:
-            return await self._local.classify(texts)
+            return await self._local.classify(texts, bounded)
         if self._coalescer is not None:
-            return await self._coalescer.submit(texts)
-        return await self._call_classifier(self._classify, texts)
+            return await self._coalescer.submit(texts, bounded)
+        return await self._call_classifier(self._classify, texts, bounded)
 
-    async def _call_classifier(self, method: Any, texts: list[str]) -> Any:
+    async def _call_classifier(self, method: Any, texts: list[str], *args: Any) -> Any:
         # Classification is idempotent: when a Classifier replica dies mid-request the
         # router marks it dead, and the retry lands on a live (or replacement) replica.
         for attempt in range(1, 4):
             try:
-                return await method.remote(texts)
+                return await method.remote(texts, *args)
             except RayActorError:
                 if attempt == 3:
                     raise
@@ -241,7 +244,8 @@ class Ingress:
         """(prediction, (checkpoint id, version)) of validated texts in order, or the error
         answer (504, 503)."""
         chunks = [texts[i: i + self._chunk] for i in range(0, len(texts), self._chunk)]
-        tasks = [asyncio.ensure_future(self._classify_chunk(c)) for c in chunks]
+        # the bound by texts decides on the request's first chunk; the rest come with it
+        tasks = [asyncio.ensure_future(self._classify_chunk(c, i == 0)) for i, c in enumerate(chunks)]
         try:
             results = await asyncio.wait_for(asyncio.gather(*tasks), self._timeout_s)
         except TimeoutError:

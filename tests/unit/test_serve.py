@@ -606,6 +606,29 @@ def test_queue_bounded_by_texts_keeps_a_flood_to_full_load_sized_passes():
         assert sizes == [1, 4, 1], sizes
 
 
+def test_a_requests_later_chunks_are_not_refused_by_its_first():
+    import asyncio
+
+    from distilray.serve.batching import CallCoalescer, TextBatcher
+
+    async def call(texts):
+        await asyncio.sleep(0.05)
+        return "replica-1", texts
+
+    def run(texts):
+        return texts
+
+    async def big_request(queue):
+        await queue.submit(["warm"])  # measures a pass
+        chunks = [[f"a{i}" for i in range(4)], [f"b{i}" for i in range(4)]]  # 8 texts, batch 4
+        return await asyncio.gather(*(queue.submit(c, bounded=i == 0) for i, c in enumerate(chunks)))
+
+    for queue in (TextBatcher(run, 4, max_wait_s=1.0, batches_ahead=1.0),
+                  CallCoalescer(call, 4, max_wait_s=1.0, batches_ahead=1.0)):
+        answers = asyncio.run(big_request(queue))
+        assert answers == [[f"a{i}" for i in range(4)], [f"b{i}" for i in range(4)]]
+
+
 def test_texts_bound_counts_per_replica_with_two_calls_in_flight():
     import asyncio
 
