@@ -30,9 +30,9 @@ PIPELINE_FILE = "pipeline.json"
 
 
 def unique_run_name(stem: str, now: float | None = None) -> str:
-    """`stem-YYYYmmdd-HHMMSS-xxxx`: sortable by time, distinct between two runs in one second."""
+    """`stem-YYYYmmdd-HHMMSS-xxxxxxxx`: sortable by time; 32 random bits keep two runs in one second apart."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now if now is not None else time.time()))
-    return f"{stem}-{stamp}-{secrets.token_hex(2)}"
+    return f"{stem}-{stamp}-{secrets.token_hex(4)}"
 
 
 def pipeline_store(cfg: Config) -> str:

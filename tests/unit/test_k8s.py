@@ -634,7 +634,7 @@ def test_pipeline_entrypoints_pass_the_cli_dry_run_with_new_run_names(overlay, p
         assert f"dry run OK: train → evaluate + gate → promote to {store}/sst2@production" \
             in proc.stdout
         runs.append(re.search(r"runs named like (\S+)", proc.stdout).group(1))  # type: ignore[union-attr]
-    assert all(re.fullmatch(r"sst2-pipeline-\d{8}-\d{6}-[0-9a-f]{4}", r) for r in runs), runs
+    assert all(re.fullmatch(r"sst2-pipeline-\d{8}-\d{6}-[0-9a-f]{8}", r) for r in runs), runs
     assert runs[0] != runs[1]
 
 
