@@ -233,10 +233,10 @@ class ServeConfig:
     and in the forward passes or Classifier calls running) are fewer than this many full
     batches (`max_batch_size`) per replica. At concurrency `max_batch_size` per replica nothing
     is refused, beyond it the excess is, while the autoscaler adds replicas; under a flood the
-    passes keep their full-load size, and so accepted requests keep about its latency (the
-    time bounds alone: passes twice the size, 4.9-5.6x the concurrency-32 p99 against 2.0-2.4x
-    on 2 cores; benchmarks/RESULTS.md, "Overload"). 2: queue a second batch per replica, at up
-    to twice the latency. None: the time bounds only."""
+    passes keep their full-load size, and so accepted requests keep about its latency (on 2
+    cores, after a flood's first second: 2.0-2.6x the concurrency-32 p99, against 6.2x with the
+    time bounds alone, whose passes are twice the size; docs/reliability.md). 2: queue a second
+    batch per replica, at up to twice the latency. None: the time bounds only."""
     metrics_interval_s: float = _opt(10.0, gt=0.0)
     """How often replicas report load to the autoscaler."""
     look_back_period_s: float = _opt(30.0, gt=0.0)

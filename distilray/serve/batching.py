@@ -57,10 +57,29 @@ class AdmissionRate:
                    max(self.base_s, self.base_s * refused / max(admitted, 1)))
 
 
+class _Request:
+    """One request's texts in a queue: taken into one or more passes (calls), answered once
+    all its texts have their results."""
+
+    __slots__ = ("texts", "future", "timer", "taken", "results", "answered")
+
+    def __init__(self, texts: list[str], future: asyncio.Future, timer: Any):
+        self.texts, self.future, self.timer = texts, future, timer
+        self.taken = 0  # texts already in a pass (call)
+        self.results: list[Any] = [None] * len(texts)
+        self.answered = 0
+
+    @property
+    def waiting(self) -> int:
+        return len(self.texts) - self.taken
+
+
 class TextQueue:
     """Requests' texts waiting to leave together, and handing each request its share back.
 
     Shared by `TextBatcher` (into one forward pass) and `CallCoalescer` (into one call).
+    A request is admitted once, whatever its size: one over `max_batch_size` texts leaves in
+    several passes (calls), and gets its answer when the last of them returns.
 
     The queue is bounded by time: with `max_wait_s`, a request that would wait longer than
     `min(max_wait_s, wait_passes × a pass)` to start (predicted from the queued texts and the
@@ -77,7 +96,8 @@ class TextQueue:
     size, and so the latency.
     """
 
-    Batch = list[tuple[list[str], asyncio.Future]]
+    Batch = list[tuple[_Request, int, int]]
+    """A pass's (call's) share of each request: (request, first text, number of texts)."""
 
     def __init__(self, max_batch_size: int, max_wait_s: float | None = None,
                  wait_passes: float = 1.0, clock: Callable[[], float] = time.monotonic,
@@ -85,11 +105,10 @@ class TextQueue:
         self.max_batch_size = max_batch_size
         self.max_wait_s, self.wait_passes, self.clock = max_wait_s, wait_passes, clock
         self.admission = AdmissionRate(retry_after_s, clock=clock)
-        self.pending: collections.deque[tuple[list[str], asyncio.Future, Any]] = collections.deque()
+        self.pending: collections.deque[_Request] = collections.deque()
         self.queued_texts = 0
         self.pass_s: float | None = None  # moving average of a pass (or call) once one ran
-        self.started: list[float] = []  # start times of the passes (calls) now running
-        self.started_texts: list[int] = []  # ... and their texts
+        self.running: list[tuple[float, int]] = []  # (start time, texts) of each pass (call) now running
         self.batches_ahead = batches_ahead
         self.refused = 0
 
@@ -101,9 +120,9 @@ class TextQueue:
         """Model replicas the lanes feed (each runs one pass at a time)."""
         return 1
 
-    def _busy(self) -> list[float]:
-        """Start times of the passes (calls) that hold a lane now."""
-        return self.started
+    def _busy(self) -> list[tuple[float, int]]:
+        """The running passes (calls) that hold a lane now."""
+        return self.running
 
     def predicted_wait_s(self, texts_ahead: int) -> float:
         """Seconds until a request behind `texts_ahead` queued texts starts."""
@@ -111,13 +130,8 @@ class TextQueue:
             return 0.0  # nothing measured yet
         lanes, now, busy = self._lanes(), self.clock(), self._busy()
         first_free = 0.0 if len(busy) < lanes else max(
-            0.0, min(self.pass_s - (now - t) for t in busy))
+            0.0, min(self.pass_s - (now - t) for t, _ in busy))
         return first_free + (texts_ahead // self.max_batch_size) * self.pass_s / lanes
-
-    def _running_texts(self) -> int:
-        """Texts in the passes (calls) that hold a lane now."""
-        busy = len(self._busy())
-        return sum(self.started_texts[len(self.started) - busy:]) if busy else 0
 
     def budget_s(self) -> float | None:
         if self.max_wait_s is None:
@@ -126,14 +140,14 @@ class TextQueue:
             return self.max_wait_s
         return min(self.max_wait_s, self.wait_passes * self.pass_s)
 
-    def _enqueue(self, texts: list[str], bounded: bool = True) -> asyncio.Future:
+    def _enqueue(self, texts: list[str]) -> asyncio.Future:
         budget = self.budget_s()
         if budget is not None and self.pending:
             wait = self.predicted_wait_s(self.queued_texts)
             if wait > budget:
                 raise self._refusal(wait, budget, expired=False)
-            if bounded and self.batches_ahead is not None and self.pass_s is not None:
-                ahead = self.queued_texts + self._running_texts()
+            if self.batches_ahead is not None and self.pass_s is not None:
+                ahead = self.queued_texts + sum(n for _, n in self._busy())
                 per_pass = self.max_batch_size * self._replicas()
                 if ahead >= self.batches_ahead * per_pass:
                     raise self._refusal((ahead + 1) / per_pass * self.pass_s,
@@ -143,7 +157,7 @@ class TextQueue:
         timer = None
         if self.max_wait_s is not None:
             timer = loop.call_later(self.max_wait_s, self._expire, future, self.clock())
-        self.pending.append((list(texts), future, timer))
+        self.pending.append(_Request(list(texts), future, timer))
         self.queued_texts += len(texts)
         return future
 
@@ -153,57 +167,70 @@ class TextQueue:
         return QueueFull(wait_s, budget_s, expired, retry_after_s=self.admission.retry_after_s())
 
     def _expire(self, future: asyncio.Future, queued_at: float) -> None:
-        if not future.done():  # still queued: _take cancels the timer of what it takes
+        if not future.done():  # nothing taken yet: _take cancels the timer of what it starts
             assert self.max_wait_s is not None
             future.set_exception(self._refusal(self.clock() - queued_at, self.max_wait_s, expired=True))
 
     def _take(self) -> Batch:
-        """Waiting requests, oldest first, up to max_batch_size texts (at least one request)."""
+        """Waiting texts, oldest request first, up to max_batch_size (at least one text).
+
+        A request that does not fit waits for the next pass whole, unless the pass would
+        otherwise be empty: then it goes in parts of max_batch_size."""
         batch: TextQueue.Batch = []
         size = 0
-        while self.pending:
-            texts, future, timer = self.pending[0]
-            if future.done():  # cancelled by its caller (timeout, disconnect) or expired: skip it
+        while self.pending and size < self.max_batch_size:
+            req = self.pending[0]
+            if req.future.done():  # cancelled by its caller (timeout, disconnect) or expired
                 self.pending.popleft()
-                self.queued_texts -= len(texts)
+                self.queued_texts -= req.waiting
                 continue
-            if batch and size + len(texts) > self.max_batch_size:
+            if batch and size + req.waiting > self.max_batch_size:
                 break
-            self.pending.popleft()
-            self.queued_texts -= len(texts)
-            if timer is not None:
-                timer.cancel()
-            self.admission.count(admitted=1)
-            batch.append((texts, future))
-            size += len(texts)
+            n = min(req.waiting, self.max_batch_size - size)
+            if req.taken == 0:
+                if req.timer is not None:
+                    req.timer.cancel()
+                self.admission.count(admitted=1)
+            batch.append((req, req.taken, n))
+            req.taken += n
+            self.queued_texts -= n
+            size += n
+            if req.waiting == 0:
+                self.pending.popleft()
         return batch
 
-    def _pass_started(self, texts: int = 0) -> float:
-        t = self.clock()
-        self.started.append(t)
-        self.started_texts.append(texts)
-        return t
+    @staticmethod
+    def texts_of(batch: Batch) -> list[str]:
+        return [t for req, first, n in batch for t in req.texts[first: first + n]]
 
-    def _pass_ended(self, started: float, ok: bool = True) -> None:
-        i = self.started.index(started)
-        del self.started[i], self.started_texts[i]
+    def _pass_started(self, texts: int) -> tuple[float, int]:
+        entry = (self.clock(), texts)
+        self.running.append(entry)
+        return entry
+
+    def _pass_ended(self, entry: tuple[float, int], ok: bool = True) -> None:
+        self.running.remove(entry)
         if not ok:  # a failed call says nothing about how long a pass takes
             return
-        took = self.clock() - started
+        took = self.clock() - entry[0]
         self.pass_s = took if self.pass_s is None else 0.8 * self.pass_s + 0.2 * took
 
     @staticmethod
     def _settle(batch: Batch, results: Sequence[Any] | None = None,
                 error: BaseException | None = None) -> None:
-        """Each request still waiting gets its slice of `results`, or `error`."""
+        """Each request still waiting gets its slice of `results` (its answer once all its
+        texts have theirs), or `error`."""
         i = 0
-        for texts, future in batch:
-            if not future.done():
+        for req, first, n in batch:
+            if not req.future.done():
                 if error is not None:
-                    future.set_exception(error)
+                    req.future.set_exception(error)
                 else:
-                    future.set_result(results[i: i + len(texts)])  # type: ignore[index]
-            i += len(texts)
+                    req.results[first: first + n] = results[i: i + n]  # type: ignore[index]
+                    req.answered += n
+                    if req.answered == len(req.texts):
+                        req.future.set_result(req.results)
+            i += n
 
 
 class TextBatcher(TextQueue):
@@ -226,17 +253,20 @@ class TextBatcher(TextQueue):
         self.run, self.wait_s = run, wait_s
         self.on_batch = on_batch
         self.executor = executor
-        self.forwarding = 0  # texts in the forward pass now running
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
 
-    async def submit(self, texts: list[str], bounded: bool = True) -> list[Any]:
-        """Predictions for `texts`, computed in a shared forward pass. `bounded=False` skips
-        the bound by texts: a request's later chunks, admitted with its first."""
+    @property
+    def forwarding(self) -> int:
+        """Texts in the forward pass now running."""
+        return sum(n for _, n in self.running)
+
+    async def submit(self, texts: list[str]) -> list[Any]:
+        """Predictions for `texts`, computed in shared forward passes (one per max_batch_size)."""
         if self._worker is None or self._worker.done():
             self._wakeup = asyncio.Event()
             self._worker = asyncio.get_running_loop().create_task(self._loop())
-        future = self._enqueue(texts, bounded)  # QueueFull when over its time or texts bound
+        future = self._enqueue(texts)  # QueueFull when over its time or texts bound
         assert self._wakeup is not None
         self._wakeup.set()
         return await future
@@ -252,21 +282,18 @@ class TextBatcher(TextQueue):
             batch = self._take()
             if not batch:
                 continue
-            flat = [t for texts, _ in batch for t in texts]
+            flat = self.texts_of(batch)
             if self.on_batch is not None:
                 self.on_batch(len(flat))
-            self.forwarding = len(flat)
             started = self._pass_started(len(flat))
             try:
                 # off the event loop, so it keeps accepting and queueing requests
                 preds = await asyncio.get_running_loop().run_in_executor(
                     self.executor, self.run, flat)
             except Exception as exc:
-                self.forwarding = 0
                 self._pass_ended(started, ok=False)
                 self._settle(batch, error=exc)
                 continue
-            self.forwarding = 0
             self._pass_ended(started)
             self._settle(batch, preds)
 
@@ -323,16 +350,17 @@ class CallCoalescer(TextQueue):
     def _stall_s(self) -> float | None:
         return None if self.pass_s is None else max(self.STALL_MIN_S, self.STALL_PASSES * self.pass_s)
 
-    def _busy(self) -> list[float]:
+    def _busy(self) -> list[tuple[float, int]]:
         limit, now = self._stall_s(), self.clock()
         if limit is None:
-            return self.started
-        live = [t for t in self.started if now - t <= limit]
-        n = max(len(live), len(self.started) - self.slots)  # ignore at most one stalled call per slot
-        return self.started[len(self.started) - n:]
+            return self.running
+        live = [t for t, _ in self.running if now - t <= limit]
+        n = max(len(live), len(self.running) - self.slots)  # ignore at most one stalled call per slot
+        return self.running[len(self.running) - n:]
 
-    async def submit(self, texts: list[str], bounded: bool = True) -> list[Any]:
-        future = self._enqueue(texts, bounded)  # QueueFull when over its time or texts bound
+    async def submit(self, texts: list[str]) -> list[Any]:
+        """Results for `texts`, from shared calls (one per max_batch_size)."""
+        future = self._enqueue(texts)  # QueueFull when over its time or texts bound
         self._dispatch()
         return await future
 
@@ -344,17 +372,17 @@ class CallCoalescer(TextQueue):
                 break
             self.in_flight += 1
             loop = asyncio.get_running_loop()
-            loop.create_task(self._run(batch, self._pass_started(sum(len(t) for t, _ in batch))))
+            loop.create_task(self._run(batch, self._pass_started(sum(n for _, _, n in batch))))
             stall = self._stall_s()
             if stall is not None:  # look again once this call would count as stalled
                 loop.call_later(stall + 0.01, self._dispatch)
         if self.on_queue is not None:
             self.on_queue(self.queued_texts)
 
-    async def _run(self, batch: TextQueue.Batch, started: float) -> None:
+    async def _run(self, batch: TextQueue.Batch, started: tuple[float, int]) -> None:
         ok = False
         try:
-            source, results = await self.call([t for texts, _ in batch for t in texts])
+            source, results = await self.call(self.texts_of(batch))
         except Exception as exc:
             self._settle(batch, error=exc)
         else:

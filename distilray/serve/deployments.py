@@ -77,10 +77,13 @@ class Classifier:
         self._queue = Gauge("distilray_queue_length",
                             "Texts waiting for or in a forward pass on this replica")
         self._texts = Counter("distilray_texts", "Texts classified")
+        # Behind a coalescing Ingress the bound by texts is the Ingress's: it counts this
+        # replica's texts in both of its calls, and the second call waits here for the next pass.
+        batches_ahead = None if s.coalesce and s.topology == "split" else s.max_batches_ahead
         self._batcher = TextBatcher(self._forward, s.max_batch_size, s.batch_wait_timeout_s,
                                     on_batch=self._batch_formed, executor=self._torch_thread,
                                     max_wait_s=s.max_queue_wait_s, wait_passes=s.queue_wait_passes,
-                                    retry_after_s=s.retry_after_s, batches_ahead=s.max_batches_ahead)
+                                    retry_after_s=s.retry_after_s, batches_ahead=batches_ahead)
         self._failures = 0
         self._replica_id = serve.get_replica_context().replica_id.unique_id
         t0 = time.perf_counter()
@@ -89,19 +92,16 @@ class Classifier:
         log.info("Classifier replica ready: %s (%s, %s, %d threads), warm-up %.0f ms",
                  self._predictor.info["id"], device, s.backend, threads, self._warmup_ms)
 
-    async def classify(self, texts: list[str], bounded: bool = True) -> list[tuple[Prediction, tuple[str, str | None]]]:
+    async def classify(self, texts: list[str]) -> list[tuple[Prediction, tuple[str, str | None]]]:
         """Each prediction with (checkpoint id, version) of the weights that made it: while a
-        deployment moves to a new version, one response may come from either. `bounded`:
-        apply the queue's bound by texts (not to a request's later chunks)."""
+        deployment moves to a new version, one response may come from either."""
         self._queue.set(self._batcher.queued_texts + len(texts))
         served = self._served
-        return [(p, served) for p in await self._batcher.submit(texts, bounded)]
+        return [(p, served) for p in await self._batcher.submit(texts)]
 
     async def classify_merged(self, texts: list[str]) -> tuple[str, list[tuple[Prediction, tuple[str, str | None]]]]:
-        """`classify`, tagged with this replica's id (the Ingress counts live replicas). The
-        Ingress's coalescer has bounded the texts already: its second call in flight waits
-        here for the next pass, as it should."""
-        return self._replica_id, await self.classify(texts, bounded=False)
+        """`classify`, tagged with this replica's id (the Ingress counts live replicas)."""
+        return self._replica_id, await self.classify(texts)
 
     def _forward(self, texts: list[str]) -> list[Prediction]:
         try:
@@ -153,7 +153,6 @@ class Ingress:
         self._local = Classifier(checkpoint, settings, bundle) if classifier is None else None
         self._token = server_token(s.auth_token_env, s.auth_token_file)
         self._timeout_s = s.request_timeout_s
-        self._chunk = s.max_batch_size
         self._limits = {"max_texts": s.max_texts, "max_text_chars": s.max_text_chars}
         self._info: dict[str, Any] | None = None
         self._model_name = serve.get_replica_context().app_name  # the v2 protocol's model name
@@ -167,8 +166,6 @@ class Ingress:
                 on_queue=queue.set, max_wait_s=s.max_queue_wait_s, wait_passes=s.queue_wait_passes,
                 retry_after_s=s.retry_after_s, calls_per_source=s.calls_per_replica,
                 batches_ahead=s.max_batches_ahead)
-        elif classifier is not None:
-            self._classify = classifier.classify
         if s.http_fast_path and self.fast_path_key is not None:
             self._body = TypeAdapter(self.body_type)  # the body validator, built in the replica
             FAST_CLASSIFY[self.fast_path_key] = self._fast_classify
@@ -201,19 +198,21 @@ class Ingress:
         if self._local is not None:
             self._local.check_health()
 
-    async def _classify_chunk(self, texts: list[str], bounded: bool = True) -> list[tuple[Prediction, tuple[str, str | None]]]:
+    async def _classify(self, texts: list[str]) -> list[tuple[Prediction, tuple[str, str | None]]]:
+        """All of a request's texts, admitted (or refused) once: the queue that takes them
+        splits them into passes or calls of max_batch_size."""
         if self._local is not None:
-            return await self._local.classify(texts, bounded)
+            return await self._local.classify(texts)
         if self._coalescer is not None:
-            return await self._coalescer.submit(texts, bounded)
-        return await self._call_classifier(self._classify, texts, bounded)
+            return await self._coalescer.submit(texts)
+        return await self._call_classifier(self._classifier.classify, texts)
 
-    async def _call_classifier(self, method: Any, texts: list[str], *args: Any) -> Any:
+    async def _call_classifier(self, method: Any, texts: list[str]) -> Any:
         # Classification is idempotent: when a Classifier replica dies mid-request the
         # router marks it dead, and the retry lands on a live (or replacement) replica.
         for attempt in range(1, 4):
             try:
-                return await method.remote(texts, *args)
+                return await method.remote(texts)
             except RayActorError:
                 if attempt == 3:
                     raise
@@ -243,11 +242,8 @@ class Ingress:
     async def _predictions(self, texts: list[str]) -> Any:
         """(prediction, (checkpoint id, version)) of validated texts in order, or the error
         answer (504, 503)."""
-        chunks = [texts[i: i + self._chunk] for i in range(0, len(texts), self._chunk)]
-        # the bound by texts decides on the request's first chunk; the rest come with it
-        tasks = [asyncio.ensure_future(self._classify_chunk(c, i == 0)) for i, c in enumerate(chunks)]
         try:
-            results = await asyncio.wait_for(asyncio.gather(*tasks), self._timeout_s)
+            results = await asyncio.wait_for(self._classify(texts), self._timeout_s)
         except TimeoutError:
             return error_json(504, "timeout", f"classifying {len(texts)} text(s) took longer "
                               f"than serve.request_timeout_s={self._timeout_s}s; retry later, "
@@ -261,10 +257,7 @@ class Ingress:
             return error_json(503, "overloaded", f"the server is at capacity: this request "
                               f"{exc} (serve.max_queue_wait_s); retry after the Retry-After delay",
                               **{"Retry-After": str(math.ceil(exc.retry_after_s))})
-        finally:
-            for task in tasks:
-                task.cancel()
-        return [item for chunk in results for item in chunk]
+        return results
 
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}

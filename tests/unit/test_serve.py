@@ -606,27 +606,41 @@ def test_queue_bounded_by_texts_keeps_a_flood_to_full_load_sized_passes():
         assert sizes == [1, 4, 1], sizes
 
 
-def test_a_requests_later_chunks_are_not_refused_by_its_first():
+def test_a_request_over_a_batch_is_admitted_once_and_answered_across_passes():
     import asyncio
+    import time
 
-    from distilray.serve.batching import CallCoalescer, TextBatcher
+    from distilray.serve.batching import CallCoalescer, QueueFull, TextBatcher
+
+    sizes: list[int] = []
 
     async def call(texts):
+        sizes.append(len(texts))
         await asyncio.sleep(0.05)
-        return "replica-1", texts
+        return "replica-1", [t.upper() for t in texts]
 
     def run(texts):
-        return texts
+        sizes.append(len(texts))
+        time.sleep(0.05)
+        return [t.upper() for t in texts]
 
     async def big_request(queue):
         await queue.submit(["warm"])  # measures a pass
-        chunks = [[f"a{i}" for i in range(4)], [f"b{i}" for i in range(4)]]  # 8 texts, batch 4
-        return await asyncio.gather(*(queue.submit(c, bounded=i == 0) for i, c in enumerate(chunks)))
+        big = [f"a{i}" for i in range(10)]  # 10 texts, batch 4: passes of 4, 4 and 2
+        answer = asyncio.ensure_future(queue.submit(big))
+        await asyncio.sleep(0)
+        behind = await asyncio.gather(queue.submit(["b"]), return_exceptions=True)
+        return await answer, behind[0]
 
     for queue in (TextBatcher(run, 4, max_wait_s=1.0, batches_ahead=1.0),
                   CallCoalescer(call, 4, max_wait_s=1.0, batches_ahead=1.0)):
-        answers = asyncio.run(big_request(queue))
-        assert answers == [[f"a{i}" for i in range(4)], [f"b{i}" for i in range(4)]]
+        sizes.clear()
+        answer, behind = asyncio.run(big_request(queue))
+        assert answer == [f"A{i}" for i in range(10)]
+        assert sizes == [1, 4, 4, 2], sizes
+        # its own later passes are not refused, but a request behind it is
+        assert isinstance(behind, QueueFull) and not behind.expired, behind
+        assert queue.queued_texts == 0 and not queue.pending and not queue.running
 
 
 def test_texts_bound_counts_per_replica_with_two_calls_in_flight():
