@@ -166,6 +166,8 @@ class Ingress:
                 on_queue=queue.set, max_wait_s=s.max_queue_wait_s, wait_passes=s.queue_wait_passes,
                 retry_after_s=s.retry_after_s, calls_per_source=s.calls_per_replica,
                 batches_ahead=s.max_batches_ahead)
+        elif classifier is not None:
+            self._per_request = classifier.classify  # a handle per method: made once, here
         if s.http_fast_path and self.fast_path_key is not None:
             self._body = TypeAdapter(self.body_type)  # the body validator, built in the replica
             FAST_CLASSIFY[self.fast_path_key] = self._fast_classify
@@ -205,7 +207,7 @@ class Ingress:
             return await self._local.classify(texts)
         if self._coalescer is not None:
             return await self._coalescer.submit(texts)
-        return await self._call_classifier(self._classifier.classify, texts)
+        return await self._call_classifier(self._per_request, texts)
 
     async def _call_classifier(self, method: Any, texts: list[str]) -> Any:
         # Classification is idempotent: when a Classifier replica dies mid-request the

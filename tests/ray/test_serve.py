@@ -1,11 +1,11 @@
 """`distilray serve` on a real local Ray Serve, loopback only, with bounded load loops.
 
-Three applications are deployed once per module from one Serve config — built with
+Four applications are deployed once per module from one Serve config — built with
 `emit_serve_config` and started with `serve run`, exactly as a RayService would get it:
-`main` (tiny model, fast autoscaling), `locked` (bearer token, tiny request timeout) and
-`tight` (one slot and a two-request queue, to overload on purpose; default text limits and
-a small body limit) and `single` (topology=single: one deployment that is HTTP front and
-model, on the ONNX Runtime backend).
+`main` (tiny model, fast autoscaling), `locked` (bearer token, tiny request timeout),
+`tight` (one slot and a two-request queue, to overload on purpose; one Classifier call per
+request, `serve.coalesce=false`; default text limits and a small body limit) and `single`
+(topology=single: one deployment that is HTTP front and model, on the ONNX Runtime backend).
 """
 
 from __future__ import annotations
@@ -143,6 +143,7 @@ def served(ray_4_cpus, tiny_checkpoint, tmp_path_factory):
         "serve.app_name=tight", "serve.route_prefix=/tight", "serve.max_replicas=1",
         "serve.target_ongoing_requests=1", "serve.max_ongoing_requests=2",
         "serve.max_queued_requests=2", "serve.batch_wait_timeout_s=0.3", "serve.retry_after_s=2",
+        "serve.coalesce=false",
         f"serve.max_request_bytes={TIGHT_BODY_BYTES}"])
     single = load_config(None, common + [
         "serve.app_name=single", "serve.route_prefix=/single", "serve.topology=single",
