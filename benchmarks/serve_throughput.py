@@ -1,7 +1,7 @@
 """Serving throughput: a naive FastAPI + pipeline server vs `distilray serve` vs the batched ceiling.
 
     python benchmarks/serve_throughput.py --model offline:minilm [--checkpoint DIR] \
-        [--concurrency 1 8 32] [--requests 150 400 800] [--duration 30]
+        [--concurrency 1 8 32] [--requests 300 1200 4800] [--duration 30]
 
 (a) naive: FastAPI + one `transformers.pipeline` call per request (uvicorn, one process);
 (b) `distilray serve`: Ray Serve, Ingress (merging concurrent requests into shared calls) + one
@@ -24,6 +24,12 @@ classic` starts Ray's Python proxy instead (Ray's default), for comparison.
 Each client sends one SST-2 validation sentence per request, closed loop, over loopback;
 each level stops at its request count or after --duration seconds. Same model, same
 machine, one invocation; ratios are printed against (a) and (c).
+
+A closed loop fills the server during about one latency at the start of a round and leaves it
+part-idle while its last requests drain, so a round only a few latencies long undercounts an
+HTTP system's requests/s against (c), which runs full batches back to back. The script warns
+when an HTTP round was shorter than `MIN_ROUND_LATENCIES` of its median latency (e.g. IMDb at
+concurrency 32 with 200-request rounds: 82% of (c); with 1200-request rounds: 87%).
 """
 
 from __future__ import annotations
@@ -118,6 +124,21 @@ def add_random_weights(ckpt: Path, seed: int = 0) -> None:
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(ckpt))
     model.save_pretrained(ckpt)
+
+
+MIN_ROUND_LATENCIES = 20
+"""An HTTP round shorter than this many median latencies gets a warning (ramp and drain)."""
+
+
+def short_rounds(row: dict, elapsed: float, rounds: int) -> str | None:
+    """A warning when `row`'s rounds were too short for its requests/s to be steady-state."""
+    round_s = elapsed / rounds
+    if not np.isfinite(row["p50"]) or round_s >= MIN_ROUND_LATENCIES * row["p50"] / 1000:
+        return None
+    return (f"warning: {row['system']} at concurrency {row['concurrency']}: rounds of "
+            f"{round_s:.1f} s are {round_s * 1000 / row['p50']:.0f} median latencies long "
+            f"(< {MIN_ROUND_LATENCIES}); filling and draining the closed loop may undercount its "
+            f"requests/s by up to ~{row['p50'] / 1000 / round_s:.0%}: raise --requests (and --duration)")
 
 
 def summarize(name: str, conc: int, latencies: list[float], elapsed: float,
@@ -402,7 +423,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", help="serve this checkpoint instead of --model's")
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "sst2"))
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--requests", type=int, nargs="+", default=[150, 400, 800],
+    parser.add_argument("--requests", type=int, nargs="+", default=[300, 1200, 4800],
                         help="request cap per concurrency level")
     parser.add_argument("--duration", type=float, default=30.0, help="seconds cap per level")
     parser.add_argument("--systems", default="abcs",
@@ -519,6 +540,12 @@ def main() -> None:
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(fmt(r))
+    for k in runners:
+        for c, _ in levels:
+            warning = None if k == "c" else short_rounds(
+                summarize(names[k], c, *pooled[(k, c)]), pooled[(k, c)][1], args.rounds)
+            if warning:
+                print(warning)
     print(f"load average after: {os.getloadavg()[0]:.1f}")
 
     by = {(r["system"][:3], r["concurrency"]): r for r in rows}

@@ -266,8 +266,8 @@ class ServeConfig:
     """Coalesced Classifier calls in flight per replica. 2: the next call already waits in the
     replica's queue when a forward pass ends and joins the next one; 1: a replica idles while
     its answer travels back and the next call comes. On 2 CPU cores, the defaults otherwise
-    equal: IMDb reviews 82% of the in-process ceiling with 2 against 61% with 1, SST-2
-    sentences 58% against 61%; under overload both keep accepted requests near the
+    equal: IMDb reviews 87% of the in-process ceiling with 2 against 81% with 1, SST-2
+    sentences 52% against 53%; under overload both keep accepted requests near the
     concurrency-32 latency (serve.max_batches_ahead counts a replica's texts whichever call
     they are in; benchmarks/RESULTS.md)."""
     http_fast_path: bool = True
