@@ -332,8 +332,12 @@ class CallCoalescer(TextQueue):
         self.call, self.window_s = call, window_s
         self.calls_per_source = calls_per_source
         self.on_queue = on_queue
-        self.in_flight = 0
         self.sources: dict[Any, float] = {}
+
+    @property
+    def in_flight(self) -> int:
+        """Calls now running (stalled ones included)."""
+        return len(self.running)
 
     @property
     def slots(self) -> int:
@@ -370,7 +374,6 @@ class CallCoalescer(TextQueue):
             batch = self._take()
             if not batch:
                 break
-            self.in_flight += 1
             loop = asyncio.get_running_loop()
             loop.create_task(self._run(batch, self._pass_started(sum(n for _, _, n in batch))))
             stall = self._stall_s()
@@ -391,5 +394,4 @@ class CallCoalescer(TextQueue):
             self._settle(batch, results)
         finally:
             self._pass_ended(started, ok)
-            self.in_flight -= 1
             self._dispatch()
