@@ -535,17 +535,16 @@ def main() -> None:
         import ray
 
         ray.shutdown()
-    rows = [summarize(names[k], c, *pooled[(k, c)]) for k in runners for c, _ in levels]
+    keys = [(k, c) for k in runners for c, _ in levels]
+    rows = [summarize(names[k], c, *pooled[(k, c)]) for k, c in keys]
     print("\n| system | concurrency | requests/s | p50 ms | p99 ms | requests | errors |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(fmt(r))
-    for k in runners:
-        for c, _ in levels:
-            warning = None if k == "c" else short_rounds(
-                summarize(names[k], c, *pooled[(k, c)]), pooled[(k, c)][1], args.rounds)
-            if warning:
-                print(warning)
+    for (k, c), r in zip(keys, rows, strict=True):
+        warning = None if k == "c" else short_rounds(r, pooled[(k, c)][1], args.rounds)
+        if warning:
+            print(warning)
     print(f"load average after: {os.getloadavg()[0]:.1f}")
 
     by = {(r["system"][:3], r["concurrency"]): r for r in rows}
