@@ -256,6 +256,13 @@ class ServeConfig:
     """Replicas of the light HTTP front (validation, auth, retries); 2+ for high availability,
     and on a GPU, where one Ingress's Python work limits requests/s. Ignored with
     topology=single."""
+    ingress_event_loop: Literal["asyncio", "uvloop"] = "asyncio"
+    """The event loop of the HTTP front's replica (the Ingress; with topology=single, every
+    replica). `asyncio` accepts a burst of new connections at once. `uvloop`, Ray's choice
+    when it is installed, accepts one connection per loop iteration (libuv), so when 400
+    clients connected together the last waited up to half a second before their request was
+    even read, and some of those were then admitted: on 2 cores the flood's slowest accepted
+    answers (docs/reliability.md, "Overload")."""
     coalesce: bool = True
     """Split topology: the Ingress merges the texts of concurrent requests into shared
     Classifier calls, `calls_per_replica` in flight per Classifier replica (one actor hop per

@@ -23,6 +23,7 @@ TEXTS_POLICY_PATH = "distilray.serve:texts_in_flight_policy"
 INGRESS_NAME = "Ingress"
 CLASSIFIER_NAME = "Classifier"
 INGRESS_NUM_CPUS = 0.1  # JSON, auth and awaiting the Classifier: no model, little CPU
+UVLOOP_ENV = "RAY_USE_UVLOOP"  # read by Ray when it creates an async actor's event loop
 # ServeConfig keys the replica reads (passed as `args.serve`); the rest are deployment
 # options, written once in the Serve config's `deployments:` section where Serve applies them.
 REPLICA_KEYS = ("max_batch_size", "batch_wait_timeout_s", "max_texts", "max_text_chars",
@@ -99,7 +100,8 @@ def deployment_options(cfg: ServeConfig) -> list[dict[str, Any]]:
         **health(),
     }
     if cfg.topology == "single":  # the Ingress holds the model: the Classifier's options
-        return [{**classifier, "name": INGRESS_NAME}]
+        return [{**classifier, "name": INGRESS_NAME,
+                 "ray_actor_options": {**actor, **http_front_env(cfg)}}]
     ingress = {
         "name": INGRESS_NAME,
         "num_replicas": cfg.ingress_replicas,
@@ -107,10 +109,18 @@ def deployment_options(cfg: ServeConfig) -> list[dict[str, Any]]:
         "max_ongoing_requests": cfg.max_ongoing_requests * cfg.max_replicas,
         "max_queued_requests": cfg.max_queued_requests,
         "backpressure_config": {"status_code": 503, "retry_after_s": cfg.retry_after_s},
-        "ray_actor_options": {"num_cpus": INGRESS_NUM_CPUS},
+        "ray_actor_options": {"num_cpus": INGRESS_NUM_CPUS, **http_front_env(cfg)},
         **health(),
     }
     return [ingress, classifier]
+
+
+def http_front_env(cfg: ServeConfig) -> dict[str, Any]:
+    """The HTTP front's `runtime_env` for `serve.ingress_event_loop` (Serve merges its env_vars
+    into the application's): none for uvloop, Ray's default."""
+    if cfg.ingress_event_loop == "uvloop":
+        return {}
+    return {"runtime_env": {"env_vars": {UVLOOP_ENV: "0"}}}
 
 
 def surge_resources(cfg: ServeConfig, running: dict[str, int]) -> dict[str, float]:
