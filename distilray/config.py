@@ -228,15 +228,16 @@ class ServeConfig:
     """Tighter time bound under load: admit a request only if it would start within this many
     (measured) forward passes, so accepted requests keep about the latency of a fully, not
     over-, loaded server."""
-    max_batches_ahead: float | None = _opt(1.0, gt=0.0)
+    max_batches_ahead: float | None = _opt(0.5, gt=0.0)
     """Bound the queue by texts too: admit a request only while the texts ahead of it (waiting,
     and in the forward passes or Classifier calls running) are fewer than this many full
-    batches (`max_batch_size`) per replica. At concurrency `max_batch_size` per replica nothing
-    is refused, beyond it the excess is, while the autoscaler adds replicas; under a flood the
-    passes keep their full-load size, and so accepted requests keep about its latency (on 2
-    cores, after a flood's first second: 2.0-2.6x the concurrency-32 p99, against 6.2x with the
-    time bounds alone, whose passes are twice the size; docs/reliability.md). 2: queue a second
-    batch per replica, at up to twice the latency. None: the time bounds only."""
+    batches (`max_batch_size`) per replica, and never fewer than one full batch. So
+    concurrency `max_batch_size` is never refused; beyond the bound the excess is, while the
+    autoscaler adds replicas. Under a flood the passes keep about the size they have at
+    concurrency 32, and so accepted requests keep about its latency (2 cores:
+    docs/reliability.md, "More load than the server can take"). 1: passes of a full batch per
+    replica, more requests/s under overload at up to about twice the latency. None: the time
+    bounds only."""
     metrics_interval_s: float = _opt(10.0, gt=0.0)
     """How often replicas report load to the autoscaler."""
     look_back_period_s: float = _opt(30.0, gt=0.0)
@@ -256,13 +257,14 @@ class ServeConfig:
     """Replicas of the light HTTP front (validation, auth, retries); 2+ for high availability,
     and on a GPU, where one Ingress's Python work limits requests/s. Ignored with
     topology=single."""
-    ingress_event_loop: Literal["asyncio", "uvloop"] = "asyncio"
-    """The event loop of the HTTP front's replica (the Ingress; with topology=single, every
-    replica). `asyncio` accepts a burst of new connections at once. `uvloop`, Ray's choice
-    when it is installed, accepts one connection per loop iteration (libuv), so when 400
-    clients connected together the last waited up to half a second before their request was
-    even read, and some of those were then admitted: on 2 cores the flood's slowest accepted
-    answers (docs/reliability.md, "Overload")."""
+    ingress_event_loop: Literal["uvloop", "asyncio"] = "uvloop"
+    """The event loop of the HTTP front's replicas (the Ingress; with topology=single, every
+    replica). `uvloop` (Ray's choice when it is installed) accepts one new connection per loop
+    iteration (libuv), so when 400 clients connected at once the last waited up to half a
+    second before their request was read. `asyncio` accepts such a burst at once, but its
+    Python I/O costs the Ingress about 0.4 ms more CPU per request: 17-22% fewer requests/s
+    at concurrency 32 on 2 cores (benchmarks/RESULTS.md, "Overload"). Pick it where bursts
+    of new connections matter more than throughput."""
     coalesce: bool = True
     """Split topology: the Ingress merges the texts of concurrent requests into shared
     Classifier calls, `calls_per_replica` in flight per Classifier replica (one actor hop per
@@ -280,8 +282,10 @@ class ServeConfig:
     http_fast_path: bool = True
     """`POST /v1/classify` bodies that validate skip FastAPI's routing, dependency and
     exception layers (same answer, less CPU per request); anything else — bad JSON, invalid
-    fields, a missing token, other routes — takes the FastAPI route unchanged. `false`:
-    every request through FastAPI."""
+    fields, a missing token, other routes — takes the FastAPI route unchanged. And, where
+    Serve runs the HTTP server in the replica (its HAProxy mode, which `distilray serve`
+    uses), one that the queue would refuse gets its 503 before Serve's per-request work and
+    before its body is read. `false`: every request through Serve's handling and FastAPI."""
     access_log: bool = True
     """One log line per request in the replica logs (turn off at very high request rates)."""
 

@@ -14,6 +14,7 @@ from typing import Any
 from distilray.checkpoints import check_servable
 from distilray.config import Config, ServeConfig, config_from_dict
 from distilray.errors import CheckpointError, ConfigError
+from distilray.serve.http import FRONT_MIDDLEWARES
 from distilray.serve.schema import TEXTS_IN_FLIGHT
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,8 @@ INGRESS_NAME = "Ingress"
 CLASSIFIER_NAME = "Classifier"
 INGRESS_NUM_CPUS = 0.1  # JSON, auth and awaiting the Classifier: no model, little CPU
 UVLOOP_ENV = "RAY_USE_UVLOOP"  # read by Ray when it creates an async actor's event loop
+# read by Serve when a replica starts its own HTTP server: middlewares around the whole app
+PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 # ServeConfig keys the replica reads (passed as `args.serve`); the rest are deployment
 # options, written once in the Serve config's `deployments:` section where Serve applies them.
 REPLICA_KEYS = ("max_batch_size", "batch_wait_timeout_s", "max_texts", "max_text_chars",
@@ -116,11 +119,15 @@ def deployment_options(cfg: ServeConfig) -> list[dict[str, Any]]:
 
 
 def http_front_env(cfg: ServeConfig) -> dict[str, Any]:
-    """The HTTP front's `runtime_env` for `serve.ingress_event_loop` (Serve merges its env_vars
-    into the application's): none for uvloop, Ray's default."""
-    if cfg.ingress_event_loop == "uvloop":
-        return {}
-    return {"runtime_env": {"env_vars": {UVLOOP_ENV: "0"}}}
+    """The HTTP front's `runtime_env` (Serve merges its env_vars into the application's): the
+    admission gate with `serve.http_fast_path`, asyncio's event loop with
+    `serve.ingress_event_loop=asyncio`."""
+    env = {}
+    if cfg.http_fast_path:
+        env[PROXY_CALLBACK_ENV] = FRONT_MIDDLEWARES
+    if cfg.ingress_event_loop == "asyncio":
+        env[UVLOOP_ENV] = "0"
+    return {"runtime_env": {"env_vars": env}} if env else {}
 
 
 def surge_resources(cfg: ServeConfig, running: dict[str, int]) -> dict[str, float]:

@@ -89,11 +89,10 @@ class TextQueue:
 
     With `batches_ahead` it is bounded by texts as well: a request is refused while the texts
     ahead of it, queued and in the passes running, fill `batches_ahead` full batches per model
-    replica (two calls in flight per replica still share one replica's passes).
-    The time bound alone lets a flood keep a full pass running and a full one queued, so each
-    pass is twice the size it has at concurrency `max_batch_size` and an admitted request
-    waits for one such pass and rides the next; this keeps the passes at their full-load
-    size, and so the latency.
+    replica, or one full batch if that is more (two calls in flight per replica still share
+    one replica's passes). The time bound alone lets a flood keep a full pass running and a
+    full one queued, so an admitted request waits for one such pass and rides the next; this
+    keeps the passes, and so the latency, near their size at concurrency `max_batch_size`.
     """
 
     Batch = list[tuple[_Request, int, int]]
@@ -140,18 +139,29 @@ class TextQueue:
             return self.max_wait_s
         return min(self.max_wait_s, self.wait_passes * self.pass_s)
 
-    def _enqueue(self, texts: list[str]) -> asyncio.Future:
+    def refusal(self) -> QueueFull | None:
+        """Why a request arriving now is refused (counted as refused), or None to admit it.
+        Also asked before a request's body is read (`http.AdmissionGate`): its size does not
+        matter, since a request is admitted whole."""
         budget = self.budget_s()
-        if budget is not None and self.pending:
-            wait = self.predicted_wait_s(self.queued_texts)
-            if wait > budget:
-                raise self._refusal(wait, budget, expired=False)
-            if self.batches_ahead is not None and self.pass_s is not None:
-                ahead = self.queued_texts + sum(n for _, n in self._busy())
-                per_pass = self.max_batch_size * self._replicas()
-                if ahead >= self.batches_ahead * per_pass:
-                    raise self._refusal((ahead + 1) / per_pass * self.pass_s,
-                                        self.batches_ahead * self.pass_s, expired=False)
+        if budget is None or not self.pending:
+            return None
+        wait = self.predicted_wait_s(self.queued_texts)
+        if wait > budget:
+            return self._refusal(wait, budget, expired=False)
+        if self.batches_ahead is not None and self.pass_s is not None:
+            ahead = self.queued_texts + sum(n for _, n in self._busy())
+            per_pass = self.max_batch_size * self._replicas()
+            limit = max(self.max_batch_size, self.batches_ahead * per_pass)
+            if ahead >= limit:
+                return self._refusal((ahead + 1) / per_pass * self.pass_s,
+                                     limit / per_pass * self.pass_s, expired=False)
+        return None
+
+    def _enqueue(self, texts: list[str]) -> asyncio.Future:
+        refused = self.refusal()
+        if refused is not None:
+            raise refused
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         timer = None

@@ -28,7 +28,14 @@ from ray.serve.metrics import Counter, Gauge, Histogram
 from distilray.config import ServeConfig
 from distilray.serve import oip
 from distilray.serve.batching import CallCoalescer, QueueFull, TextBatcher
-from distilray.serve.http import CLASSIFY_PATH, FAST_CLASSIFY, bearer_matches, server_token
+from distilray.serve.http import (
+    ADMISSION,
+    CLASSIFY_PATH,
+    FAST_CLASSIFY,
+    bearer_matches,
+    gate_passes,
+    server_token,
+)
 from distilray.serve.predictor import Prediction, Predictor
 from distilray.serve.schema import (
     ERROR_RESPONSES,
@@ -171,6 +178,19 @@ class Ingress:
         if s.http_fast_path and self.fast_path_key is not None:
             self._body = TypeAdapter(self.body_type)  # the body validator, built in the replica
             FAST_CLASSIFY[self.fast_path_key] = self._fast_classify
+        # the queue that admits requests, for `http.AdmissionGate` (registered on first answer)
+        self._admission = (self._coalescer if self._coalescer is not None
+                           else self._local._batcher if self._local is not None else None)
+        self._gate_pending = s.http_fast_path and self._admission is not None
+        self._max_request_bytes = s.max_request_bytes
+
+    def _gate_check(self, headers: list[tuple[bytes, bytes]]) -> Any:
+        """`AdmissionGate`'s check: the 503 for a request the queue would refuse now, or None."""
+        if not gate_passes(headers, self._token, self._max_request_bytes):
+            return None
+        assert self._admission is not None
+        refused = self._admission.refusal()
+        return None if refused is None else overloaded(refused)
 
     def _authorized(self, request: Request) -> bool:
         return bearer_matches(self._token, request.headers.get("authorization", ""))
@@ -231,6 +251,9 @@ class Ingress:
 
     async def _answer(self, body: Any) -> Any:
         """Classify a validated `{"text"}` or `{"texts"}` body: the JSON answer or error."""
+        if self._gate_pending:  # on the loop that answers requests, once it is known
+            ADMISSION[:] = [(asyncio.get_running_loop(), self._gate_check)]
+            self._gate_pending = False
         texts = [body.text] if hasattr(body, "text") else list(body.texts)
         results = await self._predictions(texts)
         if isinstance(results, JSONResponse):
@@ -256,9 +279,7 @@ class Ingress:
             return error_json(503, "overloaded", f"all Classifier replicas are busy "
                               f"({exc.message}); retry after the Retry-After delay", **headers)
         except QueueFull as exc:
-            return error_json(503, "overloaded", f"the server is at capacity: this request "
-                              f"{exc} (serve.max_queue_wait_s); retry after the Retry-After delay",
-                              **{"Retry-After": str(math.ceil(exc.retry_after_s))})
+            return overloaded(exc)
         return results
 
     async def healthz(self) -> dict[str, str]:
@@ -312,6 +333,13 @@ class Ingress:
         answered = results[0][1][1] or version  # the store version that answered, else the sha
         return JSONResponse(oip.infer_response(req, self._model_name, answered, info["labels"],
                                                [p for p, _ in results], wanted))
+
+
+def overloaded(exc: QueueFull) -> JSONResponse:
+    """The 503 of a request the queue refused, with its `Retry-After`."""
+    return error_json(503, "overloaded", f"the server is at capacity: this request {exc} "
+                      "(serve.max_queue_wait_s); retry after the Retry-After delay",
+                      **{"Retry-After": str(math.ceil(exc.retry_after_s))})
 
 
 def ingress_class(app: Any, body_type: Any) -> type:

@@ -7,6 +7,7 @@ in the replica process.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import os
 import time
@@ -25,6 +26,86 @@ FAST_CLASSIFY: dict[str, Callable[..., Any]] = {}
 """Per replica process: the Ingress instance's fast classify handler, by its app's key
 (`app.state.fast_path_key`). The Ingress, a module-level class pickled by reference,
 fills this very dict; `ClassifyFastPath` reads it."""
+
+ADMISSION: list[tuple[asyncio.AbstractEventLoop, Callable[[list[tuple[bytes, bytes]]], Any]]] = []
+"""Per replica process: (event loop, check) of the HTTP front's queue, registered by the
+Ingress once it has answered a request; `check(headers)` is the 503 answer for a request
+that the queue would refuse now, or None. `AdmissionGate` reads it."""
+
+FRONT_MIDDLEWARES = "distilray.serve.http:front_middlewares"
+"""Import path of Serve's proxy callback (`RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`)."""
+
+
+def front_middlewares() -> list[Any]:
+    """Serve's proxy callback: middlewares that Serve wraps around a direct-ingress replica's
+    whole HTTP app, outside its own per-request handling."""
+    from starlette.middleware import Middleware
+
+    return [Middleware(AdmissionGate)]
+
+
+class AdmissionGate:
+    """503 for a `POST /v1/classify` that the queue would refuse, before Serve's per-request
+    work (request ids, metadata, the disconnect watcher, metrics), FastAPI and the body.
+
+    Under a flood about half the requests are refused, and through Serve's handling each
+    refusal cost the Ingress about as much CPU as an admitted request; that CPU is what the
+    2 cores' forward passes and the loop's next accept wait for. A request the app must
+    answer otherwise (a token that does not match: 401; a body over the limit or not JSON)
+    goes through. Active only on the loop that registered the check (Serve may run user
+    code on another loop).
+    """
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if (ADMISSION and scope["type"] == "http" and scope["method"] == "POST"
+                and scope["path"].endswith(CLASSIFY_PATH)):
+            loop, check = ADMISSION[-1]
+            if loop is asyncio.get_running_loop():
+                t0 = time.perf_counter()
+                response = check(scope["headers"])
+                if response is not None:
+                    await response(scope, receive, send)
+                    _record(CLASSIFY_PATH, response.status_code, t0)
+                    return
+        await self.app(scope, receive, send)
+
+
+def gate_passes(headers: list[tuple[bytes, bytes]], token: str | None, max_bytes: int) -> bool:
+    """Whether the gate may answer a classify request with these headers: one the app would
+    not refuse for its token, body size or content type."""
+    length = authorization = None
+    for name, value in headers:
+        if name == b"content-length":
+            length = value
+        elif name == b"authorization":
+            authorization = value
+        elif name == b"content-type" and value.split(b";")[0].strip().lower() != b"application/json":
+            return False
+    if length is None or not length.isdigit() or int(length) > max_bytes:
+        return False
+    return token is None or bearer_matches(token, (authorization or b"").decode("latin-1"))
+
+
+_METRICS: list[Any] = []
+
+
+def _record(route: str, status: int, t0: float) -> None:
+    """Count an answer in `distilray_requests` and `distilray_request_latency_ms` (the Ray
+    metrics are created on first use, in the replica process)."""
+    if not _METRICS:
+        from ray.serve.metrics import Counter, Histogram
+
+        _METRICS.extend([
+            Counter("distilray_requests", "HTTP requests answered, by status",
+                    tag_keys=("route", "status")),
+            Histogram("distilray_request_latency_ms", "Ingress-side latency",
+                      boundaries=LATENCY_BOUNDARIES_MS, tag_keys=("route",))])
+    requests, latency = _METRICS
+    requests.inc(tags={"route": route, "status": str(status)})
+    latency.observe((time.perf_counter() - t0) * 1000, tags={"route": route})
 
 
 def make_fastapi_app(cfg: ServeConfig) -> Any:
@@ -78,20 +159,11 @@ class StatusMetricsMiddleware:
 
     def __init__(self, app: Any):
         self.app = app
-        self.requests: Any = None
-        self.latency: Any = None
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if self.requests is None:  # created in the replica process, on first use
-            from ray.serve.metrics import Counter, Histogram
-
-            self.requests = Counter("distilray_requests", "HTTP requests answered, by status",
-                                    tag_keys=("route", "status"))
-            self.latency = Histogram("distilray_request_latency_ms", "Ingress-side latency",
-                                     boundaries=LATENCY_BOUNDARIES_MS, tag_keys=("route",))
         t0 = time.perf_counter()
         status = [500]
 
@@ -103,9 +175,7 @@ class StatusMetricsMiddleware:
         try:
             await self.app(scope, receive, send_and_record)
         finally:
-            route = getattr(scope.get("route"), "path", "unmatched")
-            self.requests.inc(tags={"route": route, "status": str(status[0])})
-            self.latency.observe((time.perf_counter() - t0) * 1000, tags={"route": route})
+            _record(getattr(scope.get("route"), "path", "unmatched"), status[0], t0)
 
 
 class BodyLimit:
