@@ -19,7 +19,8 @@ class QueueFull(Exception):
         self.wait_s, self.budget_s, self.expired = wait_s, budget_s, expired
         self.retry_after_s = retry_after_s
         what = "waited" if expired else "would wait"
-        super().__init__(f"{what} {wait_s:.2f}s to start, over the queue's {budget_s:.2f}s budget")
+        super().__init__(f"{what} {wait_s:.2f}s to start (since it reached the server), over "
+                         f"the queue's {budget_s:.2f}s budget")
 
     def __reduce__(self):  # raised in a Classifier replica, re-raised in the Ingress
         return QueueFull, (self.wait_s, self.budget_s, self.expired, self.retry_after_s)
@@ -139,14 +140,15 @@ class TextQueue:
             return self.max_wait_s
         return min(self.max_wait_s, self.wait_passes * self.pass_s)
 
-    def refusal(self) -> QueueFull | None:
+    def refusal(self, waited_s: float = 0.0) -> QueueFull | None:
         """Why a request arriving now is refused (counted as refused), or None to admit it.
         Also asked before a request's body is read (`http.AdmissionGate`): its size does not
-        matter, since a request is admitted whole."""
+        matter, since a request is admitted whole. `waited_s`: how long it already waited
+        before the server read it, which counts against the budget while others queue."""
         budget = self.budget_s()
         if budget is None or not self.pending:
             return None
-        wait = self.predicted_wait_s(self.queued_texts)
+        wait = waited_s + self.predicted_wait_s(self.queued_texts)
         if wait > budget:
             return self._refusal(wait, budget, expired=False)
         if self.batches_ahead is not None and self.pass_s is not None:

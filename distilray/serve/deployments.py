@@ -184,12 +184,13 @@ class Ingress:
         self._gate_pending = s.http_fast_path and self._admission is not None
         self._max_request_bytes = s.max_request_bytes
 
-    def _gate_check(self, headers: list[tuple[bytes, bytes]]) -> Any:
-        """`AdmissionGate`'s check: the 503 for a request the queue would refuse now, or None."""
+    def _gate_check(self, headers: list[tuple[bytes, bytes]], waited_s: float) -> Any:
+        """`AdmissionGate`'s check: the 503 for a request the queue would refuse now, having
+        waited `waited_s` before it was read, or None."""
         if not gate_passes(headers, self._token, self._max_request_bytes):
             return None
         assert self._admission is not None
-        refused = self._admission.refusal()
+        refused = self._admission.refusal(waited_s)
         return None if refused is None else overloaded(refused)
 
     def _authorized(self, request: Request) -> bool:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import os
+import socket
+import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,10 +29,13 @@ FAST_CLASSIFY: dict[str, Callable[..., Any]] = {}
 (`app.state.fast_path_key`). The Ingress, a module-level class pickled by reference,
 fills this very dict; `ClassifyFastPath` reads it."""
 
-ADMISSION: list[tuple[asyncio.AbstractEventLoop, Callable[[list[tuple[bytes, bytes]]], Any]]] = []
+ADMISSION: list[tuple[asyncio.AbstractEventLoop, Callable[[list[tuple[bytes, bytes]], float], Any]]] = []
 """Per replica process: (event loop, check) of the HTTP front's queue, registered by the
-Ingress once it has answered a request; `check(headers)` is the 503 answer for a request
-that the queue would refuse now, or None. `AdmissionGate` reads it."""
+Ingress once it has answered a request; `check(headers, waited_s)` is the 503 answer for a
+request that the queue would refuse now, or None. `AdmissionGate` reads it."""
+
+TCP_INFO_LAST_DATA_RECV = 52
+"""Byte offset of `tcpi_last_data_recv` (ms since data last arrived) in Linux's `struct tcp_info`."""
 
 FRONT_MIDDLEWARES = "distilray.serve.http:front_middlewares"
 """Import path of Serve's proxy callback (`RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`)."""
@@ -50,10 +55,13 @@ class AdmissionGate:
 
     Under a flood about half the requests are refused, and through Serve's handling each
     refusal cost the Ingress about as much CPU as an admitted request; that CPU is what the
-    2 cores' forward passes and the loop's next accept wait for. A request the app must
-    answer otherwise (a token that does not match: 401; a body over the limit or not JSON)
-    goes through. Active only on the loop that registered the check (Serve may run user
-    code on another loop).
+    2 cores' forward passes and the loop's next accept wait for. The check also counts how
+    long the request sat in the kernel before it was read (`socket_wait_s`): uvloop accepts
+    one connection per loop iteration, so in a burst of new connections the last wait there
+    for hundreds of milliseconds, and admitting them carried that wait into their latency.
+    A request the app must answer otherwise (a token that does not match: 401; a body over
+    the limit or not JSON) goes through. Active only on the loop that registered the check
+    (Serve may run user code on another loop).
     """
 
     def __init__(self, app: Any):
@@ -65,12 +73,24 @@ class AdmissionGate:
             loop, check = ADMISSION[-1]
             if loop is asyncio.get_running_loop():
                 t0 = time.perf_counter()
-                response = check(scope["headers"])
+                response = check(scope["headers"], socket_wait_s(receive))
                 if response is not None:
                     await response(scope, receive, send)
                     _record(CLASSIFY_PATH, response.status_code, t0)
                     return
         await self.app(scope, receive, send)
+
+
+def socket_wait_s(receive: Any) -> float:
+    """Seconds since the request's last bytes reached the kernel, read from the connection of
+    the HTTP server calling the app (uvicorn's `receive` is a method of its request cycle,
+    which holds the transport): 0.0 where that is not known (another server, not Linux)."""
+    try:
+        sock = receive.__self__.transport.get_extra_info("socket")
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+        return struct.unpack_from("I", info, TCP_INFO_LAST_DATA_RECV)[0] / 1000
+    except (AttributeError, OSError, struct.error, TypeError):
+        return 0.0
 
 
 def gate_passes(headers: list[tuple[bytes, bytes]], token: str | None, max_bytes: int) -> bool:

@@ -276,6 +276,40 @@ def test_serve_runs_in_rays_high_throughput_mode(served):
     assert names == {"haproxy"}, f"port {served['port']} is served by {names or 'nothing visible'}"
     assert requests.post(f"{served['main']}/v1/classify", json={"text": "fine"},
                          timeout=30).status_code == 200
+    # so each Ingress replica runs its own HTTP server, and Serve wraps it in the middlewares
+    # of the proxy callback named in the replica's environment: distilray's admission gate,
+    # through the runtime_env of the emitted config
+    from distilray.serve.app import PROXY_CALLBACK_ENV
+    from distilray.serve.http import FRONT_MIDDLEWARES
+
+    for app in ("main", "single"):
+        fronts = [p for p in psutil.process_iter(["cmdline"])
+                  if any(f"ServeReplica:{app}:Ingress" in part for part in p.info["cmdline"] or [])]
+        assert fronts, f"no {app} Ingress replica process"
+        for front in fronts:
+            assert front.environ().get(PROXY_CALLBACK_ENV) == FRONT_MIDDLEWARES, app
+
+
+def test_ray_use_uvloop_0_in_an_actors_runtime_env_gives_it_asyncios_event_loop(ray_4_cpus):
+    """What serve.ingress_event_loop=asyncio relies on: Ray reads RAY_USE_UVLOOP when it creates
+    an async actor's event loop, in the actor's own process."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class LoopKind:
+        async def module(self) -> str:
+            import asyncio
+
+            return type(asyncio.get_running_loop()).__module__
+
+    default = LoopKind.remote()
+    plain = LoopKind.options(runtime_env={"env_vars": {"RAY_USE_UVLOOP": "0"}}).remote()
+    try:
+        assert ray.get(default.module.remote(), timeout=120).startswith("uvloop")
+        assert ray.get(plain.module.remote(), timeout=120).startswith("asyncio")
+    finally:
+        for actor in (default, plain):
+            ray.kill(actor)
 
 
 def fuzz_test(operation, mode, checks, ran: Counter):

@@ -62,14 +62,12 @@ def test_default_server_sheds_overload_within_a_second_and_keeps_accepted_latenc
           f"the first second {p99_later:.3f}s), {len(shed)} x 503 (max {shed.max():.3f}s); "
           f"p99 ratio {p99_ok / p99_calm:.2f}, after the first second {p99_later / p99_calm:.2f}; "
           f"Classifier replicas {replicas[0]}->{replicas[1]}")
-    # Goal (issue 21): p99_ok <= 2 x p99_calm, not met on 2 cores, where the 400 clients, the
-    # refusals and the forward passes share the CPUs. Once the flood has arrived the bound by
-    # texts holds accepted requests near the calm latency (benchmarks/overload.py, settled:
-    # 2.0-2.6x after the first second; the time bound alone 6.2x). The first second varies
-    # run to run (whole flood 2.2-4.7x there, up to 6x here): requests the Ingress reaches
-    # late while 400 clients arrive at once are admitted carrying that wait.
-    assert p99_later <= 4.0 * p99_calm, (p99_later, p99_calm)
-    assert p99_ok <= 8.0 * p99_calm, (p99_ok, p99_calm)
+    # Goal (issue 21): p99_ok <= 2 x p99_calm. benchmarks/overload.py with these defaults:
+    # 1.65-2.04x over the whole flood, 1.16-1.85x after its first second. The bound leaves
+    # room for a loaded machine: the first second varies, since Ray's uvloop accepts one new
+    # connection per loop iteration and the last of 400 wait for the Ingress to accept them.
+    assert p99_later <= 3.0 * p99_calm, (p99_later, p99_calm)
+    assert p99_ok <= 4.0 * p99_calm, (p99_ok, p99_calm)
     # recovered as soon as the load dropped: a lone client is answered at once
     assert {code for _, code, _, _ in after} == {200}
     assert float(np.percentile(latencies(after, 200), 99)) < 0.5

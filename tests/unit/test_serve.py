@@ -330,6 +330,34 @@ def test_single_topology_config_has_one_deployment_holding_the_model():
     assert serve_cfg.topology == "single"
 
 
+def test_the_http_front_gets_the_admission_gate_and_its_event_loop_through_its_runtime_env():
+    from ray.serve.schema import ServeDeploySchema
+
+    from distilray.serve.http import FRONT_MIDDLEWARES
+
+    def front_env(*overrides):
+        cfg = load_config("configs/serve.yaml", list(overrides))
+        app = ServeDeploySchema.model_validate(emit_serve_config(cfg, "/m")).applications[0]
+        deployments = {d.name: d for d in app.deployments}
+        if CLASSIFIER_NAME in deployments:  # the model replicas serve no HTTP: Ray's defaults
+            assert not deployments[CLASSIFIER_NAME].ray_actor_options.runtime_env
+        env = deployments[INGRESS_NAME].ray_actor_options.runtime_env
+        return (env or {}).get("env_vars")
+
+    gate = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": FRONT_MIDDLEWARES}
+    assert front_env() == gate  # uvloop stays: Ray's default
+    assert front_env("serve.topology=single") == gate
+    assert front_env("serve.ingress_event_loop=asyncio") == {**gate, "RAY_USE_UVLOOP": "0"}
+    assert front_env("serve.http_fast_path=false") is None
+    module, _, name = FRONT_MIDDLEWARES.partition(":")
+    from importlib import import_module
+
+    (middleware,) = getattr(import_module(module), name)()  # what Serve calls in the replica
+    from distilray.serve.http import AdmissionGate
+
+    assert middleware.cls is AdmissionGate
+
+
 def test_build_app_rejects_bad_args_with_config_errors():
     with pytest.raises(ConfigError, match="checkpoint"):
         serve_config_from_args({})
@@ -604,6 +632,168 @@ def test_queue_bounded_by_texts_keeps_a_flood_to_full_load_sized_passes():
                    for r in refused), refused
         assert 0.09 <= refused[0].budget_s < 0.2, refused[0].budget_s  # one pass as measured
         assert sizes == [1, 4, 1], sizes
+
+
+def test_texts_bound_is_never_below_one_full_batch():
+    """Half a batch per replica (the default) would refuse concurrency `max_batch_size` on one
+    replica; the bound is one full batch at least, so only what is over it is refused."""
+    import asyncio
+    import time
+
+    from distilray.serve.batching import CallCoalescer, QueueFull, TextBatcher
+
+    def run(texts):
+        time.sleep(0.1)
+        return texts
+
+    async def call(texts):
+        await asyncio.sleep(0.1)
+        return "replica-1", texts
+
+    async def fill(queue):
+        await queue.submit(["warm"])  # measures a pass
+        running = asyncio.create_task(queue.submit(["a", "b"]))  # 2 texts running
+        await asyncio.sleep(0.02)
+        admitted = asyncio.create_task(queue.submit(["c"]))  # 3 ahead of the next: < 4
+        await asyncio.sleep(0)
+        over = await asyncio.gather(queue.submit(["d"]), queue.submit(["e"]),
+                                    return_exceptions=True)
+        return await running, await admitted, over, queue.refused
+
+    for queue in (TextBatcher(run, 4, max_wait_s=1.0, batches_ahead=0.5),
+                  CallCoalescer(call, 4, max_wait_s=1.0, batches_ahead=0.5)):
+        running, admitted, over, refused = asyncio.run(fill(queue))
+        assert running == ["a", "b"] and admitted == ["c"]
+        # 3 ahead: "d" still fits the one batch; then 4 ahead fill it and "e" is refused
+        assert over[0] == ["d"], over
+        assert isinstance(over[1], QueueFull) and not over[1].expired and refused == 1, over
+
+
+def test_admission_gate_answers_a_refused_classify_before_the_app():
+    import asyncio
+
+    from fastapi.responses import JSONResponse
+
+    from distilray.serve import http
+
+    inner = _RecordingApp()
+    gate = http.AdmissionGate(inner)
+    checked: list[list] = []
+    verdict: list = [None]
+
+    def check(headers, waited_s):
+        checked.append(headers)
+        assert waited_s == 0.0  # no socket behind this `receive`
+        return verdict[0]
+
+    def call(method="POST", path="/split/v1/classify", on_other_loop=False):
+        scope = {"type": "http", "method": method, "path": path, "root_path": "",
+                 "headers": [(b"content-length", b"14")]}
+        incoming = [{"type": "http.request", "body": b'{"text": "hi"}', "more_body": False}]
+        sent: list[dict] = []
+
+        async def receive():
+            return incoming.pop(0) if incoming else {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+
+        async def main():
+            loop = asyncio.new_event_loop() if on_other_loop else asyncio.get_running_loop()
+            http.ADMISSION[:] = [(loop, check)]
+            try:
+                await gate(scope, receive, send)
+            finally:
+                http.ADMISSION.clear()
+                if on_other_loop:
+                    loop.close()
+
+        asyncio.run(main())
+        return sent
+
+    verdict[0] = JSONResponse({"error": "overloaded"}, status_code=503, headers={"Retry-After": "2"})
+    sent = call()
+    assert sent[0]["status"] == 503 and (b"retry-after", b"2") in sent[0]["headers"]
+    assert inner.bodies == []  # neither the app nor the body was touched
+    assert checked == [[(b"content-length", b"14")]]
+    verdict[0] = None  # admitted: the request goes on, body and all
+    assert call()[0]["status"] == 422 and inner.bodies == [b'{"text": "hi"}']
+    checked.clear()
+    verdict[0] = JSONResponse({}, status_code=503)
+    for kwargs in ({"method": "GET"}, {"path": "/split/v1/model"}, {"on_other_loop": True}):
+        assert call(**kwargs)[0]["status"] == 422, kwargs  # not the gate's: the app answers
+    assert checked == [] and len(inner.bodies) == 4
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_socket_wait_is_the_time_a_request_sat_in_the_kernel_before_uvicorn_read_it(loop):
+    """A real uvicorn server on loopback, whose event loop is held for 0.3 s while a request
+    arrives on a new connection (as when uvloop accepts one connection per iteration)."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from distilray.serve.http import socket_wait_s
+
+    waits: list[float] = []
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        waits.append(socket_wait_s(receive))
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, loop=loop, lifespan="off", log_level="error"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    port = sock.getsockname()[1]
+    request = b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+
+    def ask() -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+            c.sendall(request)
+            return c.recv(1024)
+
+    try:
+        deadline = time.monotonic() + 20
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert ask().startswith(b"HTTP/1.1 204")  # read at once
+        held = threading.Event()
+
+        def hold():
+            held.set()
+            time.sleep(0.3)
+
+        server.servers[0].get_loop().call_soon_threadsafe(hold)
+        assert held.wait(5)
+        assert ask().startswith(b"HTTP/1.1 204")  # sent while the loop was held
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    assert waits[0] < 0.05, waits
+    assert 0.2 <= waits[1] <= 0.6, waits
+
+
+@pytest.mark.parametrize("headers,token,passes", [
+    ([(b"content-length", b"20")], None, True),
+    ([(b"content-length", b"20"), (b"content-type", b"application/json; charset=utf-8")], None, True),
+    ([(b"content-length", b"20"), (b"authorization", b"Bearer s3cret")], "s3cret", True),
+    ([(b"content-length", b"20")], "s3cret", False),  # the app answers 401
+    ([(b"content-length", b"20"), (b"authorization", b"Bearer wrong")], "s3cret", False),
+    ([(b"content-length", b"2000")], None, False),  # over the limit: the app answers 413
+    ([], None, False),  # chunked: its size is known only once read
+    ([(b"content-length", b"20"), (b"content-type", b"text/plain")], None, False),  # 422
+])
+def test_gate_answers_only_requests_the_app_would_not_refuse_for_another_reason(headers, token, passes):
+    from distilray.serve.http import gate_passes
+
+    assert gate_passes(headers, token, max_bytes=1000) is passes
 
 
 def test_a_request_over_a_batch_is_admitted_once_and_answered_across_passes():
