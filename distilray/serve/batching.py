@@ -50,6 +50,11 @@ class AdmissionRate:
         self.now_counts[0] += refused
         self.now_counts[1] += admitted
 
+    def refusing(self) -> bool:
+        """Whether any request was refused in the last one to two seconds: overloaded."""
+        self._roll()
+        return self.now_counts[0] + self.last_counts[0] > 0
+
     def retry_after_s(self) -> float:
         self._roll()
         refused = self.now_counts[0] + self.last_counts[0]
@@ -144,11 +149,16 @@ class TextQueue:
         """Why a request arriving now is refused (counted as refused), or None to admit it.
         Also asked before a request's body is read (`http.AdmissionGate`): its size does not
         matter, since a request is admitted whole. `waited_s`: how long it already waited
-        before the server read it, which counts against the budget while others queue."""
+        before the server read it, which counts against the budget while the queue is
+        refusing others (overloaded: a request read late in a flood would be answered late),
+        and not otherwise (a request read a little late by a busy but not overloaded server
+        is still answered well within its budget's purpose)."""
         budget = self.budget_s()
         if budget is None or not self.pending:
             return None
-        wait = waited_s + self.predicted_wait_s(self.queued_texts)
+        wait = self.predicted_wait_s(self.queued_texts)
+        if waited_s > 0 and self.admission.refusing():
+            wait += waited_s
         if wait > budget:
             return self._refusal(wait, budget, expired=False)
         if self.batches_ahead is not None and self.pass_s is not None:

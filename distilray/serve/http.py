@@ -55,10 +55,11 @@ class AdmissionGate:
 
     Under a flood about half the requests are refused, and through Serve's handling each
     refusal cost the Ingress about as much CPU as an admitted request; that CPU is what the
-    2 cores' forward passes and the loop's next accept wait for. The check also counts how
-    long the request sat in the kernel before it was read (`socket_wait_s`): uvloop accepts
-    one connection per loop iteration, so in a burst of new connections the last wait there
-    for hundreds of milliseconds, and admitting them carried that wait into their latency.
+    2 cores' forward passes and the loop's next accept wait for. While the queue is refusing
+    requests, the check also counts how long the request sat in the kernel before it was
+    read (`socket_wait_s`): uvloop accepts one connection per loop iteration, so in a burst
+    of new connections the last wait there for hundreds of milliseconds, and admitting them
+    carried that wait into their latency.
     A request the app must answer otherwise (a token that does not match: 401; a body over
     the limit or not JSON) goes through. Active only on the loop that registered the check
     (Serve may run user code on another loop).

@@ -669,6 +669,37 @@ def test_texts_bound_is_never_below_one_full_batch():
         assert isinstance(over[1], QueueFull) and not over[1].expired and refused == 1, over
 
 
+def test_the_wait_before_the_read_counts_only_while_the_queue_is_refusing():
+    import asyncio
+    import time
+
+    from distilray.serve.batching import CallCoalescer, QueueFull
+
+    async def call(texts):
+        await asyncio.sleep(0.1)
+        return "replica-1", texts
+
+    async def scenario():
+        queue = CallCoalescer(call, 4, max_wait_s=1.0, batches_ahead=1.0)
+        await queue.submit(["warm"])  # measures a call: the budget is one call, ~0.1 s
+        running = asyncio.create_task(queue.submit(["a"]))
+        await asyncio.sleep(0.01)
+        queued = asyncio.create_task(queue.submit(["b"]))  # something waits: the bound applies
+        await asyncio.sleep(0)
+        calm = queue.refusal(waited_s=0.5)  # read 0.5 s late, nothing refused lately: admitted
+        queue.admission.count(refused=1)  # a refusal: overloaded
+        late = queue.refusal(waited_s=0.5)
+        prompt = queue.refusal(waited_s=0.0)
+        await asyncio.gather(running, queued)
+        return calm, late, prompt
+
+    t0 = time.monotonic()
+    calm, late, prompt = asyncio.run(scenario())
+    assert time.monotonic() - t0 < 2.0  # all within the AdmissionRate's window
+    assert calm is None and prompt is None
+    assert isinstance(late, QueueFull) and late.wait_s >= 0.5 > late.budget_s, late
+
+
 def test_admission_gate_answers_a_refused_classify_before_the_app():
     import asyncio
 
