@@ -63,9 +63,9 @@ def test_default_server_sheds_overload_within_a_second_and_keeps_accepted_latenc
           f"p99 ratio {p99_ok / p99_calm:.2f}, after the first second {p99_later / p99_calm:.2f}; "
           f"Classifier replicas {replicas[0]}->{replicas[1]}")
     # Goal (issue 21): p99_ok <= 2 x p99_calm. benchmarks/overload.py with these defaults:
-    # 1.65-2.04x over the whole flood, 1.16-1.85x after its first second. The bound leaves
-    # room for a loaded machine: the first second varies, since Ray's uvloop accepts one new
-    # connection per loop iteration and the last of 400 wait for the Ingress to accept them.
+    # 1.25-1.79x over the whole flood, 1.06-1.60x after its first second; here 1.90x (0.95x).
+    # The bound leaves room for a loaded machine: the first second varies, since Ray's uvloop
+    # accepts one new connection per loop iteration and the last of 400 wait to be accepted.
     assert p99_later <= 3.0 * p99_calm, (p99_later, p99_calm)
     assert p99_ok <= 4.0 * p99_calm, (p99_ok, p99_calm)
     # recovered as soon as the load dropped: a lone client is answered at once
