@@ -19,8 +19,7 @@ class QueueFull(Exception):
         self.wait_s, self.budget_s, self.expired = wait_s, budget_s, expired
         self.retry_after_s = retry_after_s
         what = "waited" if expired else "would wait"
-        super().__init__(f"{what} {wait_s:.2f}s to start (since it reached the server), over "
-                         f"the queue's {budget_s:.2f}s budget")
+        super().__init__(f"{what} {wait_s:.2f}s to start, over the queue's {budget_s:.2f}s budget")
 
     def __reduce__(self):  # raised in a Classifier replica, re-raised in the Ingress
         return QueueFull, (self.wait_s, self.budget_s, self.expired, self.retry_after_s)

@@ -54,8 +54,8 @@ class AdmissionGate:
     work (request ids, metadata, the disconnect watcher, metrics), FastAPI and the body.
 
     Under a flood about half the requests are refused, and through Serve's handling each
-    refusal cost the Ingress about as much CPU as an admitted request; that CPU is what the
-    2 cores' forward passes and the loop's next accept wait for. While the queue is refusing
+    refusal took that per-request work on the Ingress's loop, whose CPU the 2 cores' forward
+    passes and the loop's next accept wait for. While the queue is refusing
     requests, the check also counts how long the request sat in the kernel before it was
     read (`socket_wait_s`): uvloop accepts one connection per loop iteration, so in a burst
     of new connections the last wait there for hundreds of milliseconds, and admitting them
