@@ -97,14 +97,14 @@ def socket_wait_s(receive: Any) -> float:
 def gate_passes(headers: list[tuple[bytes, bytes]], token: str | None, max_bytes: int) -> bool:
     """Whether the gate may answer a classify request with these headers: one the app would
     not refuse for its token, body size or content type."""
+    if not _json_content_type(headers):
+        return False
     length = authorization = None
     for name, value in headers:
         if name == b"content-length":
             length = value
         elif name == b"authorization":
             authorization = value
-        elif name == b"content-type" and value.split(b";")[0].strip().lower() != b"application/json":
-            return False
     if length is None or not length.isdigit() or int(length) > max_bytes:
         return False
     return token is None or bearer_matches(token, (authorization or b"").decode("latin-1"))
@@ -263,7 +263,7 @@ class ClassifyFastPath:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         handler = FAST_CLASSIFY.get(self.key)
         if (handler is None or scope["type"] != "http" or scope["method"] != "POST"
-                or _route_path(scope) != CLASSIFY_PATH or not _json_content_type(scope)):
+                or _route_path(scope) != CLASSIFY_PATH or not _json_content_type(scope["headers"])):
             await self.app(scope, receive, send)
             return
         chunks, more = [], True
@@ -289,9 +289,9 @@ def _route_path(scope: dict) -> str:
     return path[len(root):] if root and path.startswith(root) else path
 
 
-def _json_content_type(scope: dict) -> bool:
+def _json_content_type(headers: list[tuple[bytes, bytes]]) -> bool:
     """The content types FastAPI parses as JSON for a body parameter: none or `application/json`."""
-    for name, value in scope["headers"]:
+    for name, value in headers:
         if name == b"content-type":
             return value.split(b";")[0].strip().lower() == b"application/json"
     return True
