@@ -718,18 +718,7 @@ def test_admission_gate_answers_a_refused_classify_before_the_app():
         return verdict[0]
 
     def call(method="POST", path="/split/v1/classify", on_other_loop=False):
-        scope = {"type": "http", "method": method, "path": path, "root_path": "",
-                 "headers": [(b"content-length", b"14")]}
-        incoming = [{"type": "http.request", "body": b'{"text": "hi"}', "more_body": False}]
-        sent: list[dict] = []
-
-        async def receive():
-            return incoming.pop(0) if incoming else {"type": "http.disconnect"}
-
-        async def send(message):
-            sent.append(message)
-
-        async def main():
+        async def registered(scope, receive, send):  # the Ingress registers on its own loop
             loop = asyncio.new_event_loop() if on_other_loop else asyncio.get_running_loop()
             http.ADMISSION[:] = [(loop, check)]
             try:
@@ -739,7 +728,8 @@ def test_admission_gate_answers_a_refused_classify_before_the_app():
                 if on_other_loop:
                     loop.close()
 
-        asyncio.run(main())
+        sent, _ = _asgi_call(registered, method, path, [b'{"text": "hi"}'],
+                             headers=[(b"content-length", b"14")])
         return sent
 
     verdict[0] = JSONResponse({"error": "overloaded"}, status_code=503, headers={"Retry-After": "2"})
