@@ -6,8 +6,9 @@
 The scenario of `tests/ray/test_serve_overload.py`, on a local Ray instance of 4 logical
 CPUs (the suite's): `distilray serve`'s default config (only port and app name set) plus a
 variant's overrides; 32 closed-loop clients for 8 s (warm-up; with `--settle`, until the
-autoscaler has settled: at least its upscale delay + 3 s, then until the Classifier's replica
-count holds) and 10 s (calm), then 400 for 15 s that honour `Retry-After` with ±50% jitter,
+autoscaler has settled: until the Classifier runs its `max_replicas`, or else for its metrics
+interval + look-back window + upscale delay and then until the replica count holds) and 10 s
+(calm), then 400 for 15 s that honour `Retry-After` with ±50% jitter,
 then one client. Variants run interleaved,
 round after round; the default config (no overrides) is the baseline of every invocation.
 
@@ -28,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -92,18 +94,25 @@ def classifier_settled(app_name: str) -> tuple[bool, int]:
     return str(d.status).endswith("HEALTHY") and busy == 0, running
 
 
-def warm_up(url: str, texts: list[str], app_name: str, min_s: float, max_s: float = 60.0) -> float:
-    """Concurrency 32 until the autoscaler has settled: at least `min_s` (its upscale delay and
-    a margin), then until the Classifier is neither scaling nor starting a replica and its count
-    held for one more chunk. Returns the seconds it took."""
+def warm_up(url: str, texts: list[str], serve_cfg: Any, max_s: float = 120.0) -> tuple[float, int]:
+    """Concurrency 32 until the autoscaler has settled: until the Classifier runs its
+    `max_replicas`, or else at least as long as the autoscaler takes to act (a metrics report,
+    the look-back window and the upscale delay) and then until its count held for one more
+    chunk with no replica starting. Returns the seconds it took and the replicas running.
+
+    A shorter warm-up left the upscale that concurrency 32 asks for to come during the
+    flood, whose accepted latency then measured a replica loading on the same cores."""
+    horizon = serve_cfg.metrics_interval_s + serve_cfg.look_back_period_s + serve_cfg.upscale_delay_s
     start = time.monotonic()
     last = -1
     while True:
         asyncio.run(closed_loop(url, texts, 32, 3))
         elapsed = time.monotonic() - start
-        settled, running = classifier_settled(app_name)
-        if elapsed >= max_s or (elapsed >= min_s and settled and running == last):
-            return elapsed
+        settled, running = classifier_settled(serve_cfg.app_name)
+        if settled and (running >= serve_cfg.max_replicas or (elapsed >= horizon and running == last)):
+            return elapsed, running
+        if elapsed >= max_s:
+            return elapsed, running
         last = running if settled else -1
 
 
@@ -117,7 +126,7 @@ def run_once(ckpt: Path, texts: list[str], overrides: list[str], settle: bool = 
     url = start_server(cfg, str(ckpt))
     try:
         if settle:
-            warm_up(url, texts, app, cfg.serve.upscale_delay_s + 3)
+            warm_up(url, texts, cfg.serve)
         else:
             asyncio.run(closed_loop(url, texts, 32, 8))  # warm-up
         calm = asyncio.run(closed_loop(url, texts, 32, 10))
@@ -154,7 +163,7 @@ def main() -> None:
                         help="space-separated serve.KEY=VALUE overrides, run beside the defaults")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--settle", action="store_true",
-                        help="warm up until the autoscaler has settled (else 8 s)")
+                        help="warm up until the autoscaler has settled (else 8 s: the autoscaler may add a replica during the flood)")
     args = parser.parse_args()
 
     from distilray.runtime import init_local_ray, use_serve_high_throughput

@@ -1,5 +1,7 @@
 """Overload with the default config: the SST-2 checkpoint served by `distilray serve`'s
-defaults (only the port and app name set), loaded far past its capacity over loopback.
+defaults (only the port and app name set), loaded far past its capacity over loopback once
+the autoscaler has settled at concurrency 32 (both Classifier replicas running), so that the
+flood measures the admission bounds and not a replica loading beside the running one.
 
 The clients are well-behaved: after a 503 each waits its `Retry-After`, with the ±50% jitter
 that client retry policies add so that rejected callers do not come back in lockstep. The
@@ -33,9 +35,9 @@ def test_default_server_sheds_overload_within_a_second_and_keeps_accepted_latenc
                              "serve.route_prefix=/overload"])
     url = start_server(cfg, sst2_checkpoint)
     try:
-        # warm-up until the autoscaler holds its replica count at concurrency 32: the calm
-        # p99 is then that of a settled server, not of one loading a replica
-        warm_up(url, texts, cfg.serve.app_name, cfg.serve.upscale_delay_s + 3)
+        # warm-up until the autoscaler has settled at concurrency 32: the calm p99 is then
+        # that of a settled server, and the flood does not measure a replica loading
+        warmed_s, warmed = warm_up(url, texts, cfg.serve)
         calm = asyncio.run(closed_loop(url, texts, 32, 10))
         replicas = [classifier_replicas(cfg.serve.app_name)]
         flood = asyncio.run(closed_loop(url, texts, 400, 15))
@@ -44,6 +46,9 @@ def test_default_server_sheds_overload_within_a_second_and_keeps_accepted_latenc
     finally:
         shutdown_server(cfg)
 
+    # concurrency 32 asks for 32 texts / target_ongoing_requests 8 = 4 replicas: the maximum
+    assert warmed == replicas[0] == cfg.serve.max_replicas, (warmed_s, warmed, replicas)
+    assert replicas[1] == replicas[0], f"the replica count changed during the flood: {replicas}"
     assert {code for _, code, _, _ in calm} == {200}, "concurrency 32 is within capacity"
     p99_calm = float(np.percentile(latencies(calm, 200), 99))
     codes = {code for _, code, _, _ in flood}
@@ -62,13 +67,14 @@ def test_default_server_sheds_overload_within_a_second_and_keeps_accepted_latenc
           f"the first second {p99_later:.3f}s), {len(shed)} x 503 (max {shed.max():.3f}s); "
           f"p99 ratio {p99_ok / p99_calm:.2f}, after the first second {p99_later / p99_calm:.2f}; "
           f"Classifier replicas {replicas[0]}->{replicas[1]}")
-    # Goal (issue 21): p99_ok <= 2 x p99_calm. benchmarks/overload.py with these defaults on
-    # quiet cores: 1.25-1.79x over the whole flood, 1.06-1.60x after its first second; this
-    # test on a quiet machine 1.90x (0.95x). The bounds leave room for the autoscaler starting
-    # a second Classifier replica during the flood, which shares the 2 cores while it loads:
-    # in a full CI run it took 7.8 s of the 15 and the accepted p99 was 4.53x throughout.
-    assert p99_later <= 6.0 * p99_calm, (p99_later, p99_calm)
-    assert p99_ok <= 8.0 * p99_calm, (p99_ok, p99_calm)
+    # Goal (issue 21): p99_ok <= 2 x p99_calm. On a settled server (both Classifier replicas
+    # loaded) on quiet cores: this test 1.57x (1.38x after the flood's first second);
+    # benchmarks/overload.py --settle 1.13x, 3.15x, 1.81x (1.11x, 1.45x, 1.72x). The slowest
+    # answers are those sent in the first 0.1 s of the flood, when 400 connections arrive at
+    # once on the same 2 cores; hence the looser bound over the whole flood. The code before
+    # the admission gate and the half-batch bound measured 2.2-4.7x.
+    assert p99_later <= 2.5 * p99_calm, (p99_later, p99_calm)
+    assert p99_ok <= 4.0 * p99_calm, (p99_ok, p99_calm)
     # recovered as soon as the load dropped: a lone client is answered at once
     assert {code for _, code, _, _ in after} == {200}
     assert float(np.percentile(latencies(after, 200), 99)) < 0.5
