@@ -1,7 +1,7 @@
 """Overload with the default config: the SST-2 checkpoint served by `distilray serve`'s
-defaults (only the port and app name set), loaded far past its capacity over loopback once
-the autoscaler has settled at concurrency 32 (both Classifier replicas running), so that the
-flood measures the admission bounds and not a replica loading beside the running one.
+defaults (only the port and app name set, and the 2 Classifier replicas that concurrency 32
+scales it to from the start), loaded far past its capacity over loopback once settled, so that
+the flood measures the admission bounds and not a replica loading beside the running one.
 
 The clients are well-behaved: after a 503 each waits its `Retry-After`, with the ±50% jitter
 that client retry policies add so that rejected callers do not come back in lockstep. The
@@ -31,12 +31,16 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 def test_default_server_sheds_overload_within_a_second_and_keeps_accepted_latency(
         ray_4_cpus, sst2_checkpoint, sst2_dir):
     texts = pq.read_table(sst2_dir / "validation.parquet").column("text").to_pylist()
+    # starts at the 2 Classifier replicas that concurrency 32 scales the defaults to (32 texts
+    # / target_ongoing_requests 8 = 4, capped at max_replicas), instead of waiting the ~35 s
+    # the autoscaler takes to get there (a metrics report, its look-back, its upscale delay)
     cfg = load_config(None, [f"serve.port={free_port()}", "serve.app_name=overload",
-                             "serve.route_prefix=/overload"])
+                             "serve.route_prefix=/overload", "serve.initial_replicas=2"])
     url = start_server(cfg, sst2_checkpoint)
     try:
-        # warm-up until the autoscaler has settled at concurrency 32: the calm p99 is then
-        # that of a settled server, and the flood does not measure a replica loading
+        # warm-up at concurrency 32 until the autoscaler has settled (at once here: both
+        # replicas run): the calm p99 is that of a settled server, and the flood does not
+        # measure a replica loading beside the running one
         warmed_s, warmed = warm_up(url, texts, cfg.serve)
         calm = asyncio.run(closed_loop(url, texts, 32, 10))
         replicas = [classifier_replicas(cfg.serve.app_name)]
@@ -46,7 +50,6 @@ def test_default_server_sheds_overload_within_a_second_and_keeps_accepted_latenc
     finally:
         shutdown_server(cfg)
 
-    # concurrency 32 asks for 32 texts / target_ongoing_requests 8 = 4 replicas: the maximum
     assert warmed == replicas[0] == cfg.serve.max_replicas, (warmed_s, warmed, replicas)
     assert replicas[1] == replicas[0], f"the replica count changed during the flood: {replicas}"
     assert {code for _, code, _, _ in calm} == {200}, "concurrency 32 is within capacity"
