@@ -29,13 +29,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from serve_throughput import free_port, load_texts, make_checkpoint  # noqa: E402
+
+if TYPE_CHECKING:
+    from distilray.config import ServeConfig
 
 Answer = tuple[float, int | str, float, str | None]
 """(sent, seconds after the level began; HTTP status or the client error; latency s; Retry-After)"""
@@ -94,7 +97,7 @@ def classifier_settled(app_name: str) -> tuple[bool, int]:
     return str(d.status).endswith("HEALTHY") and busy == 0, running
 
 
-def warm_up(url: str, texts: list[str], serve_cfg: Any, max_s: float = 120.0) -> tuple[float, int]:
+def warm_up(url: str, texts: list[str], serve_cfg: ServeConfig, max_s: float = 120.0) -> tuple[float, int]:
     """Concurrency 32 until the autoscaler has settled: until the Classifier runs its
     `max_replicas`, or else at least as long as the autoscaler takes to act (a metrics report,
     the look-back window and the upscale delay) and then until its count held for one more
@@ -109,9 +112,8 @@ def warm_up(url: str, texts: list[str], serve_cfg: Any, max_s: float = 120.0) ->
         asyncio.run(closed_loop(url, texts, 32, 3))
         elapsed = time.monotonic() - start
         settled, running = classifier_settled(serve_cfg.app_name)
-        if settled and (running >= serve_cfg.max_replicas or (elapsed >= horizon and running == last)):
-            return elapsed, running
-        if elapsed >= max_s:
+        held = running >= serve_cfg.max_replicas or (elapsed >= horizon and running == last)
+        if (settled and held) or elapsed >= max_s:
             return elapsed, running
         last = running if settled else -1
 
