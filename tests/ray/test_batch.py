@@ -117,13 +117,13 @@ def test_predict_matches_transformers_pipeline_on_sst2_and_imdb(ray_4_cpus, sst2
     inp = tmp_path / "in"
     inp.mkdir()
     sst2 = pq.read_table(sst2_dir / "validation.parquet")
-    imdb = pq.read_table(imdb_dir / "test.parquet").slice(0, 600)  # 318 positive, 282 negative
+    imdb = pq.read_table(imdb_dir / "test.parquet").slice(0, 300)  # 161 positive, 139 negative
     pq.write_table(sst2, inp / "sst2.parquet")
     pq.write_table(imdb, inp / "imdb.parquet")
     assert main(["predict", "--checkpoint", sst2_checkpoint, "--input", str(inp), "--output",
                  str(tmp_path / "out"), "--set", "predict.max_actors=2"]) == 0
     summary = json.loads((tmp_path / "out" / "_SUCCESS.json").read_text())
-    assert (summary["rows"], summary["errors"]) == (sst2.num_rows + 600, 0)
+    assert (summary["rows"], summary["errors"]) == (sst2.num_rows + 300, 0)
     pipe = pipeline("text-classification", model=sst2_checkpoint, top_k=None, device="cpu",
                     truncation=True, max_length=128)
     for shard, source in (("part-00000.parquet", imdb), ("part-00001.parquet", sst2)):

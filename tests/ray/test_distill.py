@@ -161,8 +161,11 @@ def test_sst2_student_keeps_97_percent_and_is_faster(sst2_checkpoint, sst2_stude
 
     cfg, kd = sst2_student["cfg"], sst2_student
     ev = load_splits(cfg.data, 2).eval
+    # fastest of 2 interleaved timed passes (a teacher pass is ~12 s on one thread; the
+    # report's default of 5 added ~55 s to CI for a ratio that measured ~1.9-2.0 either way)
     scores = measure_checkpoints({"teacher": sst2_checkpoint, "student (KD)": kd["best_checkpoint"]},
-                                 ev.column("text").to_pylist(), ev.column("label").to_pylist(), 128)
+                                 ev.column("text").to_pylist(), ev.column("label").to_pylist(), 128,
+                                 repeats=2)
     report = render_report(scores)
     print("\n" + report)
     teacher, student = scores
