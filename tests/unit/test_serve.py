@@ -510,6 +510,49 @@ def test_coalescer_merges_requests_that_wait_for_a_busy_replica():
     assert calls == [["a"], ["t0", "t1", "t2", "t3"], ["t4", "t5"]]
 
 
+def test_coalescer_sends_a_replicas_share_per_call_once_two_replicas_answered():
+    import asyncio
+
+    from distilray.serve.batching import CallCoalescer
+
+    calls: list[list[str]] = []
+    gates: list[asyncio.Event] = []
+    sources = iter(["r1", "r2", "r1", "r2", "r1", "r2"])
+
+    async def call(texts):
+        calls.append(list(texts))
+        gate = asyncio.Event()
+        gates.append(gate)
+        await gate.wait()
+        return next(sources), texts
+
+    async def main():
+        co = CallCoalescer(call, max_batch_size=4)
+        assert co.call_texts() == 4  # one replica known: a whole batch per call
+        for text in ("a", "b"):  # answered by r1, then r2
+            task = asyncio.create_task(co.submit([text]))
+            await asyncio.sleep(0.01)
+            gates[-1].set()
+            await task
+        assert co.slots == 2 and co.call_texts() == 2
+        held = [asyncio.create_task(co.submit([t])) for t in ("x", "y")]  # both slots busy
+        await asyncio.sleep(0.01)
+        queued = [asyncio.create_task(co.submit([f"t{i}"])) for i in range(4)]
+        await asyncio.sleep(0.01)
+        assert len(calls) == 4  # a, b, x, y: the four texts wait
+        gates[2].set()  # x answered: its slot takes a replica's share, not all four
+        await asyncio.sleep(0.01)
+        assert calls[4] == ["t0", "t1"]
+        gates[3].set()  # y answered: the next slot takes the rest
+        await asyncio.sleep(0.01)
+        assert calls[5:] == [["t2", "t3"]], calls
+        for gate in gates[4:]:
+            gate.set()
+        return await asyncio.gather(*held, *queued)
+
+    assert asyncio.run(main()) == [["x"], ["y"], ["t0"], ["t1"], ["t2"], ["t3"]]
+
+
 def test_coalescer_opens_a_slot_per_replica_seen_and_closes_it_when_gone():
     import asyncio
 
