@@ -4,8 +4,9 @@ scales it to from the start), loaded far past its capacity over loopback once se
 the flood measures the admission bounds and not a replica loading beside the running one.
 
 The clients are well-behaved: after a 503 each waits its `Retry-After`, with the ±50% jitter
-that client retry policies add so that rejected callers do not come back in lockstep. The
-same scenario, per config and with where the slowest answers come from:
+that client retry policies add so that rejected callers do not come back in lockstep. A
+request's latency counts from when it was written; the clients' own connection set-up before
+that is bounded separately. The same scenario, per config and with where the slowest answers come from:
 `python benchmarks/overload.py`.
 """
 
@@ -52,34 +53,38 @@ def test_default_server_sheds_overload_within_a_second_and_keeps_accepted_latenc
 
     assert warmed == replicas[0] == cfg.serve.max_replicas, (warmed_s, warmed, replicas)
     assert replicas[1] == replicas[0], f"the replica count changed during the flood: {replicas}"
-    assert {code for _, code, _, _ in calm} == {200}, "concurrency 32 is within capacity"
+    assert {code for _, code, *_ in calm} == {200}, "concurrency 32 is within capacity"
     p99_calm = float(np.percentile(latencies(calm, 200), 99))
-    codes = {code for _, code, _, _ in flood}
+    codes = {code for _, code, *_ in flood}
     assert codes <= {200, 503}, codes
     ok, shed = latencies(flood, 200), latencies(flood, 503)
     # shed, yet still serving: how many are admitted is the server's capacity (the default
     # onnx-int8 backend admits more than it refuses; torch about as many)
     assert len(ok) > 100 and len(shed) >= 0.2 * (len(ok) + len(shed)), (len(ok), len(shed))
     # Retry-After: the base 1 s, growing with the refused-to-admitted ratio (at most 10 s)
-    retry_after = {int(retry) for _, code, _, retry in flood if code == 503}
+    retry_after = {int(retry) for _, code, _, retry, _ in flood if code == 503}
     assert min(retry_after) >= 1 and max(retry_after) <= 10, retry_after
     assert shed.max() < 2.0, f"slowest 503 took {shed.max():.2f}s"
     p99_ok = float(np.percentile(ok, 99))
+    p99_with_setup = float(np.percentile(latencies(flood, 200, with_setup=True), 99))
     p99_later = float(np.percentile(latencies(flood, 200, sent_after=1.0), 99))
-    print(f"c=32 p99 {p99_calm:.3f}s; c=400: {len(ok)} x 200 (p99 {p99_ok:.3f}s; sent after "
-          f"the first second {p99_later:.3f}s), {len(shed)} x 503 (max {shed.max():.3f}s); "
-          f"p99 ratio {p99_ok / p99_calm:.2f}, after the first second {p99_later / p99_calm:.2f}; "
+    print(f"c=32 p99 {p99_calm:.3f}s; c=400: {len(ok)} x 200 (p99 {p99_ok:.3f}s; from the clients' "
+          f"start {p99_with_setup:.3f}s; sent after the first second {p99_later:.3f}s), {len(shed)} x "
+          f"503 (max {shed.max():.3f}s); p99 ratio {p99_ok / p99_calm:.2f}, from the clients' start "
+          f"{p99_with_setup / p99_calm:.2f}, after the first second {p99_later / p99_calm:.2f}; "
           f"Classifier replicas {replicas[0]}->{replicas[1]}")
-    # Goal (issue 21): p99_ok <= 2 x p99_calm. On a settled server (both Classifier replicas
-    # loaded) on quiet cores: this test 1.57x, 2.10x, 1.69x (1.38x, 1.62x, 1.54x after the
-    # flood's first second);
-    # benchmarks/overload.py --settle 1.13x, 3.15x, 1.81x (1.11x, 1.45x, 1.72x). The slowest
-    # answers are those sent in the first 0.1 s of the flood, when 400 connections arrive at
-    # once on the same 2 cores; hence the looser bound over the whole flood: a full CI run
-    # (bb6c1b9) measured 4.55x over it and 1.31x after its first second. The code before the
-    # admission gate and the half-batch bound measured 2.2-4.7x.
+    # Goal (issue 21): accepted p99 <= 2 x the c=32 p99, latency counted from when a request
+    # was written. On a settled server on quiet cores (calls split by replica share, the
+    # client's garbage collector frozen): 8 floods on one server 1.29-1.55x; this test alone
+    # 1.14x, 2.37x, 1.64x (1.01x, 1.33x, 1.56x after the first second). The slowest answers
+    # are those the server took in the flood's first second, when 400 connections arrive at
+    # once on 2 cores; hence the looser bound over the whole flood.
     assert p99_later <= 2.5 * p99_calm, (p99_later, p99_calm)
-    assert p99_ok <= 6.0 * p99_calm, (p99_ok, p99_calm)
+    assert p99_ok <= 3.0 * p99_calm, (p99_ok, p99_calm)
+    # Counted from each client's start it includes the 400 clients connecting at once on the
+    # server's 2 cores (up to 0.27 s before a first request left): 1.26-2.79x in those runs,
+    # 4.55x in a full CI run before calls were split by replica share (bb6c1b9).
+    assert p99_with_setup <= 6.0 * p99_calm, (p99_with_setup, p99_calm)
     # recovered as soon as the load dropped: a lone client is answered at once
-    assert {code for _, code, _, _ in after} == {200}
+    assert {code for _, code, *_ in after} == {200}
     assert float(np.percentile(latencies(after, 200), 99)) < 0.5
