@@ -76,7 +76,7 @@ def test_default_server_sheds_overload_within_a_second_and_keeps_accepted_latenc
     # Goal (issue 21): accepted p99 <= 2 x the c=32 p99, latency counted from when a request
     # was written. On a settled server on quiet cores (calls split by replica share, the
     # client's garbage collector frozen): 8 floods on one server 1.29-1.55x; this test alone
-    # 1.14x, 2.37x, 1.64x (1.01x, 1.33x, 1.56x after the first second). The slowest answers
+    # 1.14x, 2.37x, 1.64x, 1.24x, 1.47x, 1.70x (1.01-1.56x after the first second). The slowest answers
     # are those the server took in the flood's first second, when 400 connections arrive at
     # once on 2 cores; hence the looser bound over the whole flood.
     assert p99_later <= 2.5 * p99_calm, (p99_later, p99_calm)
